@@ -1,0 +1,102 @@
+"""Block-floating-point quantization: ``quantize(x, fmt)``.
+
+For each block (see :class:`BFPFormat`): ``e = floor(log2(max|x|))`` clamped to the
+exponent range, ``s = 2**(e - (bits - 2))``, ``q = x / s`` rounded (half to even, or
+``floor(q + u)``), clamped to the mantissa range, result ``q * s``. A block whose max is 0
+stays exactly 0.
+
+Non-finite input: a block holding a NaN or an infinity comes out as NaN in every element
+(the result is always either on the grid or NaN; nothing is silently clipped).
+
+Everything is element-wise or a block reduction on the input's device: no host
+synchronisation, so the function can be fused by ``torch.compile`` and runs on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lptfl.quant.format import BFPFormat
+from lptfl.quant.random import draw_key, hashed_uniform
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Scale factors 2**shift (shift in [-127, 142]) are built as two normal float32 factors.
+_LOW_MIN, _LOW_MAX = -126, 100
+
+
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** k`` exactly, as float32, for int32 ``k`` in ``[-126, 127]``."""
+    return ((k + 127) << 23).view(torch.float32)
+
+
+def block_exponent(amax: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
+    """``floor(log2(amax))`` clamped to the format's exponent range (int32, same shape).
+
+    Read straight from the float32 bit pattern, so it is exact at powers of two.
+    """
+    biased = (amax.view(torch.int32) >> 23) & 0xFF
+    subnormal = torch.where(amax >= 2.0**-127, -127, -128).to(torch.int32)
+    exponent = torch.where(biased == 0, subnormal, biased - 127)
+    return exponent.clamp(fmt.exp_min, fmt.exp_max)
+
+
+def block_amax(x: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
+    """Per-block ``max|x|`` of float32 ``x``, with keepdim shape for broadcasting."""
+    dims = fmt.block_reduce_dims(x.ndim)
+    if not dims:
+        return x.abs()
+    return x.abs().amax(dim=dims, keepdim=True)
+
+
+def quantize_with_key(x: torch.Tensor, fmt: BFPFormat, key: torch.Tensor | None) -> torch.Tensor:
+    """:func:`quantize` with an explicit int32 rounding key (``None`` for nearest rounding)."""
+    xf = x.to(torch.float32)
+    amax = block_amax(xf, fmt)
+    shift = (fmt.bits - 2) - block_exponent(amax, fmt)
+    low = shift.clamp(_LOW_MIN, _LOW_MAX)
+    high = shift - low
+    q = xf * _pow2(low) * _pow2(high)
+    if fmt.rounding == "nearest":
+        q = torch.round(q)
+    else:
+        if key is None:
+            raise ValueError("stochastic rounding needs a key")
+        q = torch.floor(q + hashed_uniform(key, q.shape, q.device))
+    q = q.clamp(fmt.mantissa_min, fmt.mantissa_max) + 0.0  # + 0.0 turns -0.0 into +0.0
+    out = q * _pow2(-low) * _pow2(-high)
+    out = torch.where(torch.isfinite(amax), out, torch.nan)
+    return out.to(x.dtype)
+
+
+def check_quantizable(x: torch.Tensor, fmt: BFPFormat) -> None:
+    """Raise ``TypeError`` unless ``x`` is a float32/bf16/fp16 tensor and ``fmt`` a BFPFormat."""
+    if not isinstance(fmt, BFPFormat):
+        raise TypeError(f"fmt must be a BFPFormat, got {type(fmt).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must have dtype float32, bfloat16 or float16, got {x.dtype}")
+    if x.numel() >= 1 << 31:
+        raise ValueError(f"x has {x.numel()} elements; at most 2**31 - 1 are supported")
+
+
+def quantize(x: torch.Tensor, fmt: BFPFormat, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round ``x`` onto the block-floating-point grid of ``fmt``.
+
+    Args:
+        x: float32, bfloat16 or float16 tensor of any shape, on any device.
+        fmt: the format (word length, exponent bits, layout, rounding).
+        generator: source of the stochastic-rounding key (a seeded generator gives
+            reproducible rounding); ignored for nearest rounding. Must live on ``x``'s
+            device type; the default generator is used when ``None``.
+
+    Returns:
+        A tensor of the same shape and dtype whose values are ``mantissa * 2**(e-(bits-2))``.
+    """
+    check_quantizable(x, fmt)
+    if x.numel() == 0:
+        return x.clone()
+    key = None
+    if fmt.rounding == "stochastic":
+        key = draw_key(generator, x.device)
+    return quantize_with_key(x, fmt, key)
