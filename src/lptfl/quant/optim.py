@@ -15,10 +15,9 @@ from lptfl.quant.format import BFPFormat
 from lptfl.quant.quantize import quantize_with_key
 
 
-def _quantize_into(tensors: list[torch.Tensor], fmt: BFPFormat, keys: torch.Tensor | None) -> None:
-    """Quantize each tensor in place; ``keys[i]`` is the rounding key of tensor i."""
-    for i, t in enumerate(tensors):
-        t.copy_(quantize_with_key(t, fmt, None if keys is None else keys[i]))
+def _quantize_all(tensors: list[torch.Tensor], fmt: BFPFormat, keys: torch.Tensor | None) -> list[torch.Tensor]:
+    """Each tensor quantized; ``keys[i]`` is the rounding key of tensor i."""
+    return [quantize_with_key(t, fmt, None if keys is None else keys[i]) for i, t in enumerate(tensors)]
 
 
 class LowPrecisionOptimizer:
@@ -45,7 +44,7 @@ class LowPrecisionOptimizer:
         self.weight_format = weight
         self.grad_format = grad
         self.generator = generator
-        self._quantize_into = MaybeCompiled(_quantize_into, enabled=compile)
+        self._quantize_all = MaybeCompiled(_quantize_all, enabled=compile)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -71,7 +70,7 @@ class LowPrecisionOptimizer:
         if self.weight_format is None or not params:
             return
         keys = self._keys(self.weight_format, len(params), params[0].device)
-        self._quantize_into(params, self.weight_format, keys)
+        torch._foreach_copy_(params, self._quantize_all(params, self.weight_format, keys))
 
     @torch.no_grad()
     def quantize_grads(self) -> None:
@@ -80,7 +79,7 @@ class LowPrecisionOptimizer:
         if self.grad_format is None or not grads:
             return
         keys = self._keys(self.grad_format, len(grads), grads[0].device)
-        self._quantize_into(grads, self.grad_format, keys)
+        torch._foreach_copy_(grads, self._quantize_all(grads, self.grad_format, keys))
 
     def step(self) -> None:
         """Quantize gradients, take the inner step, quantize weights."""

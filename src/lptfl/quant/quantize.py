@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from lptfl.quant.format import BFPFormat
-from lptfl.quant.random import draw_key, hashed_uniform
+from lptfl.quant.random import draw_key, hashed_uniform_like
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Scale factors 2**shift (shift in [-127, 142]) are built as two normal float32 factors.
@@ -61,7 +61,7 @@ def quantize_with_key(x: torch.Tensor, fmt: BFPFormat, key: torch.Tensor | None)
     else:
         if key is None:
             raise ValueError("stochastic rounding needs a key")
-        q = torch.floor(q + hashed_uniform(key, q.shape, q.device))
+        q = torch.floor(q + hashed_uniform_like(q, key))
     q = q.clamp(fmt.mantissa_min, fmt.mantissa_max) + 0.0  # + 0.0 turns -0.0 into +0.0
     out = q * _pow2(-low) * _pow2(-high)
     out = torch.where(torch.isfinite(amax), out, torch.nan)

@@ -4,7 +4,9 @@
 with the rounding. Here each element's uniform draw is a hash of its linear index and a
 32-bit key, computed with int32 arithmetic (wrapping multiplication, masked shifts), so
 it is element-wise, fusable by ``torch.compile`` and identical on CPU and CUDA, eager or
-compiled. The hash is Wellons' "lowbias32" finaliser applied to ``index * phi ^ key``.
+compiled. The hash is Wellons' "lowbias32" finaliser applied to ``(index ^ key) * phi``
+(multiplying the index first lets inductor fold it into a strided ``arange``, which
+crashed its CPU code generator in torch 2.13).
 """
 
 from __future__ import annotations
@@ -30,19 +32,15 @@ def _lowbias32(h: torch.Tensor) -> torch.Tensor:
     return h ^ _lshr(h, 16)
 
 
-def hashed_uniform(key: torch.Tensor, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Uniform float32 values in ``[0, 1)`` with 24 random bits each.
+def hashed_uniform_like(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 values in ``[0, 1)`` with 24 random bits each, shaped like ``x``.
 
     Args:
+        x: any tensor (at most 2**31 - 1 elements); only its shape and device are used.
         key: 0-d int32 tensor; different keys give independent-looking streams.
-        shape: shape of the result (at most 2**31 - 1 elements).
-        device: device of the result.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
-    index = torch.arange(numel, dtype=torch.int32, device=device).view(shape)
-    h = _lowbias32((index * _PHI) ^ key)
+    index = torch.arange(x.numel(), dtype=torch.int32, device=x.device).view(x.shape)
+    h = _lowbias32((index ^ key) * _PHI)
     return _lshr(h, 8).to(torch.float32) * _INV_2_24
 
 
