@@ -1,0 +1,155 @@
+"""Client-side local training under a precision policy (REFERENCE §1.1, §3).
+
+One :class:`LocalTrainer` (one model, one optimizer) serves every client in turn: load the
+downlink weights and the client's optimizer state, run E epochs of mini-batch steps,
+hand back the trained state. A step is: forward with quantized activations -> loss ->
+backward with quantized errors -> quantize gradients -> inner optimizer step -> quantize
+weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lptfl.quant import PrecisionPolicy, reseed_quantizers
+from lptfl.quant.compiled import MaybeCompiled
+
+OPTIMIZERS = ("adam", "sgd")
+
+Regularizer = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What one client's local update produced.
+
+    Attributes:
+        state: the trained model's state dict (on the weight grid under a low-precision policy).
+        loss: mean training loss over the samples seen (nats).
+        num_samples: training samples of the client (per epoch).
+        steps: optimizer steps taken.
+    """
+
+    state: dict[str, torch.Tensor]
+    loss: float
+    num_samples: int
+    steps: int
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """``adam`` (the paper's) or ``sgd`` (momentum 0.9)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
+class LocalTrainer:
+    """Runs client updates on one reusable model + optimizer.
+
+    Args:
+        model: the architecture (quantizers are inserted according to ``policy``).
+        policy: the precision policy.
+        optimizer: ``"adam"`` or ``"sgd"``.
+        lr: learning rate.
+        example_input: one batch, used to pick layers for exact bf16 compute.
+        compile: fuse forward/backward (and the quantizers) with ``torch.compile``.
+        device: where training runs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: PrecisionPolicy,
+        *,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        example_input: torch.Tensor | None = None,
+        compile: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.policy = policy
+        self.model = model.to(self.device)
+        policy.prepare_model(self.model, None if example_input is None else example_input.to(self.device))
+        self.inner = make_optimizer(optimizer, self.model.parameters(), lr)
+        self.optimizer = policy.wrap_optimizer(self.inner, compile=compile)
+        self._forward_backward = MaybeCompiled(self._loss_and_backward, enabled=compile)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+
+    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    def train(
+        self,
+        start: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        epochs: int,
+        batch_size: int,
+        generator: torch.Generator,
+        regularizer: Regularizer | None = None,
+    ) -> TrainResult:
+        """Train from ``start`` on the client's samples.
+
+        Args:
+            start: state dict to start from (the decoded downlink).
+            x: the client's inputs, ``n x C x H x W`` (float32, normalised).
+            y: the client's labels, ``n`` (int64).
+            epochs: local epochs E.
+            batch_size: mini-batch size (the last batch of an epoch may be smaller).
+            generator: drives shuffling and stochastic rounding (seeded per client and round).
+            regularizer: extra loss term on the model (e.g. FedProx's proximal term).
+        """
+        model, opt = self.model, self.optimizer
+        model.load_state_dict(start)
+        model.train()
+        if hasattr(opt, "generator"):
+            opt.generator = generator
+        x, y = x.to(self.device), y.to(self.device)
+        n = int(y.shape[0])
+        total, steps = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator).to(self.device)
+            for start_index in range(0, n, batch_size):
+                batch = order[start_index : start_index + batch_size]
+                reseed_quantizers(model, generator)
+                opt.zero_grad(set_to_none=False)
+                if regularizer is None:
+                    loss = self._forward_backward(x[batch], y[batch])
+                else:
+                    loss = F.cross_entropy(model(x[batch]), y[batch])
+                    (loss + regularizer(model)).backward()
+                    loss = loss.detach()
+                opt.step()
+                total += loss.to(torch.float64) * len(batch)
+                steps += 1
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return TrainResult(state=state, loss=float(total) / max(n * epochs, 1), num_samples=n, steps=steps)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy loss in nats, accuracy as a fraction 0-1) of ``model`` on ``(x, y)``."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, correct = 0.0, 0
+    for i in range(0, int(y.shape[0]), batch_size):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        logits = model(xb)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = max(int(y.shape[0]), 1)
+    return loss_sum / n, correct / n

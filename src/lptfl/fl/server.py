@@ -1,0 +1,139 @@
+"""The server: high-precision aggregation, the moving average, the downlink (REFERENCE §1).
+
+Round r: the served model (the moving average once it exists, else the global model) is
+quantized and encoded for the sampled clients; their encoded updates are decoded,
+validated and summed in float64; the mean becomes the global model ``w``; from round
+``ma_start`` on, ``wbar = lambda * wbar + (1 - lambda) * w`` (the first average is a plain
+copy of ``w``). The served model is the one evaluated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from lptfl import codec
+from lptfl.fl.aggregate import RunningMean, State, moving_average
+from lptfl.quant import BFPFormat
+
+log = logging.getLogger(__name__)
+
+WEIGHTINGS = ("uniform", "samples")
+
+
+@dataclass
+class ServerConfig:
+    """Aggregation settings.
+
+    Attributes:
+        moving_average: keep the server moving average (the paper's paradigm).
+        moving_weight: lambda of the moving average.
+        ma_start: first round (1-based) whose global model enters the average.
+        weighting: ``"uniform"`` (unweighted mean over the clients that replied, as the
+            published code) or ``"samples"`` (weighted by client data size, the paper's formula).
+        downlink: format of the served model on the wire (None: fp32).
+        uplink: format the clients use (None: fp32); only informs the expected payload.
+        max_payload_bytes: uplink payloads larger than this are rejected unread.
+    """
+
+    moving_average: bool = False
+    moving_weight: float = 0.9
+    ma_start: int = 1
+    weighting: str = "uniform"
+    downlink: BFPFormat | None = None
+    uplink: BFPFormat | None = None
+    max_payload_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not 0.0 <= self.moving_weight < 1.0:
+            raise ValueError(f"moving_weight must be in [0, 1), got {self.moving_weight}")
+        if self.ma_start < 1:
+            raise ValueError(f"ma_start must be >= 1, got {self.ma_start}")
+
+
+@dataclass
+class RoundStats:
+    """What the server saw in one round."""
+
+    accepted: int = 0
+    rejected: int = 0
+    reasons: list[str] = field(default_factory=list)
+    bytes_up: list[int] = field(default_factory=list)
+
+
+def full_precision_names(model: torch.nn.Module) -> list[str]:
+    """State entries sent exactly: floating buffers such as batch-norm running statistics."""
+    params = {name for name, _ in model.named_parameters()}
+    return [name for name, value in model.state_dict().items() if name not in params and value.is_floating_point()]
+
+
+class Server:
+    """Holds the global model and moving average; aggregates encoded client updates.
+
+    Args:
+        initial: initial global state dict (float tensors are kept fp32).
+        config: aggregation settings.
+        full_precision: state names sent without quantization (see :func:`full_precision_names`).
+    """
+
+    def __init__(self, initial: Mapping[str, torch.Tensor], config: ServerConfig, *, full_precision: list[str]) -> None:
+        self.config = config
+        self.full_precision = list(full_precision)
+        self.global_state: State = {k: v.detach().clone() for k, v in initial.items()}
+        self.average_state: State | None = None
+        self.round = 0
+        self._expect = {k: (tuple(v.shape), v.dtype) for k, v in self.global_state.items()}
+        self._mean: RunningMean | None = None
+        self.stats = RoundStats()
+
+    def served_state(self) -> State:
+        """The model clients start from and that is evaluated: ``wbar`` if it exists, else ``w``."""
+        return self.average_state if self.average_state is not None else self.global_state
+
+    def downlink(self) -> bytes:
+        """The encoded, quantized served model (nearest rounding)."""
+        return codec.encode(self.served_state(), self.config.downlink, full_precision=self.full_precision)
+
+    def begin_round(self) -> None:
+        self._mean = RunningMean()
+        self.stats = RoundStats()
+
+    def receive(self, payload: bytes, num_samples: int, client: int | str = "?") -> bool:
+        """Decode, validate and add one client's update. A bad payload is logged, counted and skipped."""
+        if self._mean is None:
+            raise RuntimeError("receive() called outside a round; call begin_round() first")
+        self.stats.bytes_up.append(len(payload))
+        try:
+            state = codec.decode(payload, expect=self._expect, max_bytes=self.config.max_payload_bytes)
+        except codec.PayloadError as err:
+            self.stats.rejected += 1
+            self.stats.reasons.append(f"client {client}: {err}")
+            log.warning("rejected the update of client %s: %s", client, err)
+            return False
+        weight = float(num_samples) if self.config.weighting == "samples" else 1.0
+        self._mean.add(state, weight if weight > 0 else 1.0)
+        self.stats.accepted += 1
+        return True
+
+    def end_round(self) -> bool:
+        """Aggregate what arrived; update the moving average. False if no update was accepted
+        (then the models stay as they were)."""
+        if self._mean is None:
+            raise RuntimeError("end_round() called outside a round")
+        self.round += 1
+        mean, self._mean = self._mean, None
+        if mean.count == 0:
+            log.warning("round %d: no valid update arrived; the global model is unchanged", self.round)
+            return False
+        self.global_state = mean.result(self.global_state)
+        if self.config.moving_average and self.round >= self.config.ma_start:
+            if self.average_state is None:
+                self.average_state = {k: v.clone() for k, v in self.global_state.items()}
+            else:
+                self.average_state = moving_average(self.average_state, self.global_state, self.config.moving_weight)
+        return True

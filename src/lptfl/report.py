@@ -1,0 +1,76 @@
+"""Paper-style tables and curves from run directories."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from lptfl.sim.results import LAST_ROUNDS, read_metrics
+
+
+def run_label(run_dir: Path) -> str:
+    """A short label for a run: its folder name."""
+    return Path(run_dir).name
+
+
+def describe(run_dir: Path) -> dict:
+    """Precision, averaging, alpha and final accuracy (mean +- std of the last 5 rounds, %) of one run."""
+    run_dir = Path(run_dir)
+    rounds = read_metrics(run_dir)
+    summary_path = run_dir / "summary.json"
+    config = json.loads(summary_path.read_text())["config"] if summary_path.exists() else {}
+    last = [100 * r["test_accuracy"] for r in rounds[-LAST_ROUNDS:]]
+    bits = config.get("quantization_bits", 32) if config.get("use_quantization") else 32
+    return {
+        "run": run_label(run_dir),
+        "dataset": config.get("dataset", "?"),
+        "alpha": config.get("alpha", "?"),
+        "precision": f"{bits} bit",
+        "averaging": "w avg" if config.get("moving_average") else "w/o avg",
+        "rounds": len(rounds),
+        "mean": statistics.fmean(last) if last else float("nan"),
+        "std": statistics.pstdev(last) if len(last) > 1 else 0.0,
+        "bytes_up_per_round": (sum(r["bytes_up"] for r in rounds) / len(rounds)) if rounds else 0,
+    }
+
+
+def table(run_dirs: Sequence[Path]) -> str:
+    """A Markdown table: one row per run, test accuracy (%) as mean +- std over the last 5 rounds."""
+    rows = [describe(d) for d in run_dirs]
+    lines = [
+        "| run | dataset | alpha | averaging | precision | rounds | test accuracy (%) | uplink MB/round |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {r['dataset']} | {r['alpha']} | {r['averaging']} | {r['precision']} | {r['rounds']} "
+            f"| {r['mean']:.1f} +- {r['std']:.1f} | {r['bytes_up_per_round'] / 1e6:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(run_dirs: Sequence[Path], path: Path) -> None:
+    """Test accuracy and test loss by round, every run on the same two panels, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for run_dir in run_dirs:
+        rounds = read_metrics(Path(run_dir))
+        if not rounds:
+            continue
+        x = [r["round"] for r in rounds]
+        acc_ax.plot(x, [100 * r["test_accuracy"] for r in rounds], label=run_label(run_dir))
+        loss_ax.plot(x, [r["test_loss"] for r in rounds], label=run_label(run_dir))
+    acc_ax.set(xlabel="round", ylabel="test accuracy (%)", title="Test accuracy")
+    loss_ax.set(xlabel="round", ylabel="test loss (nats)", title="Test loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,135 @@
+"""The configuration of one federated run, with the published entry point's flag names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+from lptfl.data import DATASET_NAMES
+from lptfl.fl.client import OPTIMIZERS
+from lptfl.fl.server import WEIGHTINGS
+from lptfl.models import MODELS
+from lptfl.quant import PrecisionPolicy
+from lptfl.quant.format import LAYOUTS, ROUNDINGS, SMALL_BLOCKS
+
+PARTITIONS = ("dirichlet", "dirichlet-plain", "iid")
+LR_SCHEDULES = ("none", "cosine", "step")
+CLIENT_STATES = ("auto", "memory", "disk", "none")
+COMPILE_MODES = ("auto", "on", "off")
+AGGREGATION_MODES = ("fedavg",)
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run. Field names are the command-line flags (``--c_rounds`` ...)."""
+
+    dataset: str = "digits"
+    data_path: str = "./data"
+    download: bool = False
+    alpha: float = 0.5
+    partition: str = "dirichlet"
+    model_name: str = "ConvNet"
+    model_width: int = 0
+    c_rounds: int = 20
+    num_clients: int = 10
+    frac: float = 0.5
+    epochs: int = 1
+    batch_size: int = 32
+    test_batch_size: int = 1000
+    lr: float = 1e-3
+    lr_schedule: str = "none"
+    optimizer: str = "adam"
+    seed: int = 0
+    use_quantization: bool = False
+    quantization_bits: int = 8
+    block_dim: str = "BC"
+    small_block: str = "FC"
+    quant_type: str = "stochastic"
+    use_mixed_precision: bool = False
+    weight_quantization_bits: int = 8
+    activation_quantization_bits: int = 8
+    grad_quantization_bits: int = 8
+    moving_average: bool = False
+    moving_weight: float = 0.9
+    ma_start: int = 1
+    aggregation_mode: str = "fedavg"
+    aggregation_weighting: str = "uniform"
+    client_state: str = "auto"
+    compile: str = "auto"
+    compute: str = "auto"
+    device: str = "cpu"
+    compress: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting and what was expected."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.dataset.lower() in {n.lower() for n in DATASET_NAMES} or self.dataset.lower().replace("-", "") in {"fashionmnist"},
+             f"--dataset {self.dataset!r} is unknown; expected one of {', '.join(DATASET_NAMES)}")
+        need(self.model_name.lower() in {m.lower() for m in MODELS},
+             f"--model_name {self.model_name!r} is unknown; expected one of {', '.join(MODELS)}")
+        need(self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+        need(self.partition in PARTITIONS, f"--partition must be one of {PARTITIONS}, got {self.partition!r}")
+        need(0 < self.frac <= 1, f"--frac must be in (0, 1], got {self.frac}")
+        need(self.num_clients >= 1, f"--num_clients must be >= 1, got {self.num_clients}")
+        need(self.c_rounds >= 1, f"--c_rounds must be >= 1, got {self.c_rounds}")
+        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1 and self.test_batch_size >= 1,
+             f"--batch_size and --test_batch_size must be >= 1, got {self.batch_size}, {self.test_batch_size}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.model_width >= 0, f"--model_width must be >= 0 (0: the model's default), got {self.model_width}")
+        need(self.lr_schedule in LR_SCHEDULES, f"--lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for flag in ("quantization_bits", "weight_quantization_bits", "activation_quantization_bits", "grad_quantization_bits"):
+            bits = getattr(self, flag)
+            need(2 <= bits <= 16, f"--{flag} must be in [2, 16] (sign included), got {bits}")
+        need(self.block_dim in LAYOUTS, f"--block_dim must be one of {LAYOUTS}, got {self.block_dim!r}")
+        need(self.small_block in SMALL_BLOCKS, f"--small_block must be one of {SMALL_BLOCKS}, got {self.small_block!r}")
+        need(self.quant_type in ROUNDINGS, f"--quant_type must be one of {ROUNDINGS}, got {self.quant_type!r}")
+        need(0 <= self.moving_weight < 1, f"--moving_weight must be in [0, 1), got {self.moving_weight}")
+        need(self.ma_start >= 1, f"--ma_start must be >= 1, got {self.ma_start}")
+        need(self.aggregation_mode in AGGREGATION_MODES,
+             f"--aggregation_mode must be one of {AGGREGATION_MODES}, got {self.aggregation_mode!r}")
+        need(self.aggregation_weighting in WEIGHTINGS,
+             f"--aggregation_weighting must be one of {WEIGHTINGS}, got {self.aggregation_weighting!r}")
+        need(self.client_state in CLIENT_STATES, f"--client_state must be one of {CLIENT_STATES}, got {self.client_state!r}")
+        need(self.compile in COMPILE_MODES, f"--compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        need(self.compute in ("auto", "bf16", "fp32"), f"--compute must be auto, bf16 or fp32, got {self.compute!r}")
+
+    def policy(self) -> PrecisionPolicy:
+        """The precision policy these flags describe."""
+        if not self.use_quantization:
+            return PrecisionPolicy.full_precision()
+        mixed = self.use_mixed_precision
+        return PrecisionPolicy.low_precision(
+            self.quantization_bits,
+            weight_bits=self.weight_quantization_bits if mixed else None,
+            activation_bits=self.activation_quantization_bits if mixed else None,
+            grad_bits=self.grad_quantization_bits if mixed else None,
+            layout=self.block_dim,
+            small_block=self.small_block,
+            rounding=self.quant_type,
+            compute=self.compute,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """A hash of every setting that changes results (not of device, compile or paths)."""
+        ignored = {"device", "compile", "data_path", "download", "client_state"}
+        items = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        """Build from a mapping of flag names (e.g. a TOML file); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; expected flag names such as {sorted(known)[:6]}...")
+        return cls(**values)

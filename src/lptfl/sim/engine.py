@@ -1,0 +1,207 @@
+"""The in-process simulator: many clients, one model object, rounds driven in one process.
+
+Data live as tensors once (a client is a slice of them); one :class:`LocalTrainer` trains
+every sampled client in turn; payloads are really encoded and decoded in both directions
+and their lengths are what the metrics report; the server sums updates in float64 as they
+arrive. Randomness is derived from ``(seed, round, client)``, so a round's result does not
+depend on what ran before it in the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lptfl import codec
+from lptfl.data import Dataset, dirichlet_partition, iid_partition, load_dataset, partition_summary
+from lptfl.fl import ClientStateStore, LocalTrainer, Server, ServerConfig, evaluate, full_precision_names
+from lptfl.models import build_model
+from lptfl.sim.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+_MEMORY_STATE_LIMIT = 2 << 30  # bytes of client optimizer state kept in memory under client_state="auto"
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. ``(seed, round, client)``), stable across runs."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def sample_clients(num_clients: int, frac: float, seed: int, round_index: int) -> list[int]:
+    """``max(1, round(frac * num_clients))`` distinct clients, uniformly without replacement."""
+    m = max(1, int(round(frac * num_clients)))
+    rng = np.random.default_rng(derive_seed(seed, round_index, 0x5A))
+    return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
+
+
+def learning_rate(base: float, schedule: str, round_index: int, rounds: int) -> float:
+    """Learning rate of round ``round_index`` (1-based): constant, cosine to 0, or x0.1 at 50% and 75%."""
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * (round_index - 1) / rounds))
+    if schedule == "step":
+        return base * (0.1 ** sum(round_index > f * rounds for f in (0.5, 0.75)))
+    return base
+
+
+def partition_data(config: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """Client index arrays by ``config.partition``."""
+    if config.num_clients > len(labels):
+        raise ValueError(
+            f"--num_clients {config.num_clients} exceeds the {len(labels)} training samples of {config.dataset}"
+        )
+    if config.partition == "iid":
+        return iid_partition(len(labels), config.num_clients, seed=config.seed)
+    return dirichlet_partition(
+        labels, config.num_clients, config.alpha, seed=config.seed, balance=config.partition == "dirichlet"
+    )
+
+
+def build_run_model(config: RunConfig, data: Dataset) -> torch.nn.Module:
+    """The model of the run, with parameters initialised from ``config.seed``."""
+    channels, height, _ = data.input_shape
+    options = {"width": config.model_width} if config.model_width and config.model_name.lower() == "convnet" else {}
+    if config.model_width and config.model_name.lower() == "mlp":
+        options = {"hidden": config.model_width}
+    torch.manual_seed(derive_seed(config.seed, 0x11))
+    return build_model(config.model_name, channels, data.num_classes, height, **options)
+
+
+@dataclass
+class RoundMetrics:
+    """One line of ``metrics.jsonl``. Accuracy is a fraction in [0, 1]; bytes are payload lengths."""
+
+    round: int
+    train_loss: float
+    test_accuracy: float
+    test_loss: float
+    bytes_up: int
+    bytes_down: int
+    bytes_up_per_client: list[int]
+    bytes_down_per_client: int
+    clients: list[int]
+    accepted: int
+    rejected: int
+    lr: float
+    round_time_s: float
+    wall_time_s: float
+    rejected_reasons: list[str] = field(default_factory=list)
+
+
+class Simulation:
+    """A run of ``config``: build everything, then :meth:`run_round` until done.
+
+    Args:
+        config: the run's settings (validated here).
+        out_dir: where client state may spill (``client_state="disk"``); None keeps memory.
+    """
+
+    def __init__(self, config: RunConfig, out_dir: Path | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.device = torch.device(config.device)
+        self.data = load_dataset(config.dataset, config.data_path, download=config.download)
+        labels = self.data.train_y.numpy()
+        self.parts = partition_data(config, labels)
+        log.info("partition:\n%s", partition_summary(labels, self.parts, self.data.num_classes))
+        self.client_x = [self.data.train_x[torch.from_numpy(p)] for p in self.parts]
+        self.client_y = [self.data.train_y[torch.from_numpy(p)] for p in self.parts]
+        self.policy = config.policy()
+        compile_on = config.compile == "on" or (config.compile == "auto" and not self.policy.is_full_precision)
+        model = build_run_model(config, self.data)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        self.full_precision = full_precision_names(model)
+        example = self.data.train_x[: config.batch_size]
+        self.trainer = LocalTrainer(
+            model, self.policy, optimizer=config.optimizer, lr=config.lr,
+            example_input=example, compile=compile_on, device=self.device,
+        )
+        self.eval_model = build_run_model(config, self.data).to(self.device)
+        self.policy.prepare_model(self.eval_model, example.to(self.device))
+        self.server = Server(
+            initial,
+            ServerConfig(
+                moving_average=config.moving_average, moving_weight=config.moving_weight,
+                ma_start=config.ma_start, weighting=config.aggregation_weighting,
+                downlink=self.policy.downlink, uplink=self.policy.uplink,
+            ),
+            full_precision=self.full_precision,
+        )
+        self.store = self._client_store(out_dir, model)
+        self.wall_time_s = 0.0
+
+    def _client_store(self, out_dir: Path | None, model: torch.nn.Module) -> ClientStateStore | None:
+        mode = self.config.client_state
+        if mode == "none":
+            return None
+        params = sum(p.numel() for p in model.parameters())
+        estimate = self.config.num_clients * params * 8
+        if mode == "auto":
+            mode = "memory" if estimate <= _MEMORY_STATE_LIMIT or out_dir is None else "disk"
+        if mode == "disk":
+            if out_dir is None:
+                raise ValueError("--client_state disk needs an output directory")
+            return ClientStateStore(Path(out_dir) / "client_state")
+        return ClientStateStore()
+
+    @property
+    def round(self) -> int:
+        return self.server.round
+
+    def run_round(self) -> RoundMetrics:
+        """Run the next round and return its metrics."""
+        cfg = self.config
+        started = time.perf_counter()
+        round_index = self.server.round + 1
+        clients = sample_clients(cfg.num_clients, cfg.frac, cfg.seed, round_index)
+        lr = learning_rate(cfg.lr, cfg.lr_schedule, round_index, cfg.c_rounds)
+        self.trainer.set_lr(lr)
+        down = self.server.downlink()
+        start_state = codec.decode(down)
+        self.server.begin_round()
+        loss_sum, sample_sum = 0.0, 0
+        for client in clients:
+            if self.store is not None:
+                self.store.load(client, self.trainer.inner)
+            else:
+                self.trainer.inner.state.clear()
+            generator = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, client))
+            result = self.trainer.train(
+                start_state, self.client_x[client], self.client_y[client],
+                epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator,
+            )
+            if self.store is not None:
+                self.store.save(client, self.trainer.inner)
+            up = codec.encode(result.state, self.policy.uplink, full_precision=self.full_precision, compress=cfg.compress)
+            self.server.receive(up, result.num_samples, client)
+            loss_sum += result.loss * result.num_samples
+            sample_sum += result.num_samples
+        self.server.end_round()
+        self.eval_model.load_state_dict(self.server.served_state())
+        test_loss, test_acc = evaluate(self.eval_model, self.data.test_x, self.data.test_y, batch_size=cfg.test_batch_size)
+        elapsed = time.perf_counter() - started
+        self.wall_time_s += elapsed
+        stats = self.server.stats
+        return RoundMetrics(
+            round=round_index,
+            train_loss=loss_sum / max(sample_sum, 1),
+            test_accuracy=test_acc,
+            test_loss=test_loss,
+            bytes_up=sum(stats.bytes_up),
+            bytes_down=len(down) * len(clients),
+            bytes_up_per_client=list(stats.bytes_up),
+            bytes_down_per_client=len(down),
+            clients=clients,
+            accepted=stats.accepted,
+            rejected=stats.rejected,
+            lr=lr,
+            round_time_s=elapsed,
+            wall_time_s=self.wall_time_s,
+            rejected_reasons=list(stats.reasons),
+        )

@@ -1,0 +1,60 @@
+"""Result files of a run: ``metrics.jsonl`` (one object per round) and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from lptfl.sim.config import RunConfig
+from lptfl.sim.engine import RoundMetrics
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CURVES = "curves.png"
+LAST_ROUNDS = 5
+
+
+def append_metrics(out_dir: Path, metrics: RoundMetrics) -> None:
+    """Append one round's line to ``metrics.jsonl`` and flush it to disk."""
+    with open(out_dir / METRICS, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(asdict(metrics)) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rounds recorded in ``run_dir/metrics.jsonl`` (empty if none)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def summarize(config: RunConfig, rounds: list[dict], *, wall_time_s: float) -> dict:
+    """The summary: config, mean +- std of the last 5 rounds' test accuracy, byte totals, wall time."""
+    last = [r["test_accuracy"] for r in rounds[-LAST_ROUNDS:]]
+    return {
+        "config": config.to_dict(),
+        "config_fingerprint": config.fingerprint(),
+        "rounds": len(rounds),
+        "final_accuracy_mean": statistics.fmean(last) if last else None,
+        "final_accuracy_std": statistics.pstdev(last) if len(last) > 1 else 0.0,
+        "final_test_loss": rounds[-1]["test_loss"] if rounds else None,
+        "bytes_up_total": sum(r["bytes_up"] for r in rounds),
+        "bytes_down_total": sum(r["bytes_down"] for r in rounds),
+        "bytes_counted_from": "len() of the encoded payloads (lptfl.codec, both directions)",
+        "rejected_updates_total": sum(r.get("rejected", 0) for r in rounds),
+        "wall_time_s": wall_time_s,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+    }
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    """Write ``summary.json`` atomically."""
+    tmp = out_dir / (SUMMARY + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / SUMMARY)
