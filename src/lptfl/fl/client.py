@@ -81,15 +81,33 @@ class LocalTrainer:
         self.inner = make_optimizer(optimizer, self.model.parameters(), lr)
         self.optimizer = policy.wrap_optimizer(self.inner, compile=compile)
         self._forward_backward = MaybeCompiled(self._loss_and_backward, enabled=compile)
+        self.compiled = compile
+        # Per-sample models (no batch norm) pad a short last batch to full size with zero-weight
+        # copies of its own samples: identical loss, gradients and activation maxima, one graph.
+        self._pad_short_batches = compile and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
+        )
 
     def set_lr(self, lr: float) -> None:
         for group in self.inner.param_groups:
             group["lr"] = lr
 
-    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(self.model(x), y)
+    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        losses = F.cross_entropy(self.model(x), y, reduction="none")
+        loss = (losses * weight).sum() / weight.sum()
         loss.backward()
         return loss.detach()
+
+    def _step_loss(self, x: torch.Tensor, y: torch.Tensor, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Forward + backward of one mini-batch; returns its mean loss."""
+        k = int(batch.shape[0])
+        weight = torch.ones(k, device=x.device)
+        if k < batch_size and self.compiled:
+            if not self._pad_short_batches:  # batch norm: run the odd size eagerly, no recompilation
+                return self._loss_and_backward(x[batch], y[batch], weight)
+            batch = batch[torch.arange(batch_size, device=batch.device) % k]
+            weight = torch.cat([weight, torch.zeros(batch_size - k, device=x.device)])
+        return self._forward_backward(x[batch], y[batch], weight)
 
     def train(
         self,
@@ -128,7 +146,7 @@ class LocalTrainer:
                 reseed_quantizers(model, generator)
                 opt.zero_grad(set_to_none=False)
                 if regularizer is None:
-                    loss = self._forward_backward(x[batch], y[batch])
+                    loss = self._step_loss(x, y, batch, batch_size)
                 else:
                     loss = F.cross_entropy(model(x[batch]), y[batch])
                     (loss + regularizer(model)).backward()
@@ -141,15 +159,32 @@ class LocalTrainer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> tuple[float, float]:
-    """(mean cross-entropy loss in nats, accuracy as a fraction 0-1) of ``model`` on ``(x, y)``."""
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 1000,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float]:
+    """(mean cross-entropy loss in nats, accuracy as a fraction 0-1) of ``model`` on ``(x, y)``.
+
+    ``forward`` (e.g. a compiled ``model``) replaces ``model(x)``; every batch it sees has
+    ``batch_size`` rows (a short last batch is padded with copies of its own rows, which
+    leaves per-tensor activation maxima unchanged, and the copies are not scored).
+    """
     model.eval()
+    forward = model if forward is None else forward
     device = next(model.parameters()).device
-    loss_sum, correct = 0.0, 0
-    for i in range(0, int(y.shape[0]), batch_size):
+    n = int(y.shape[0])
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for i in range(0, n, batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-        logits = model(xb)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    n = max(int(y.shape[0]), 1)
-    return loss_sum / n, correct / n
+        k = int(yb.shape[0])
+        if k < batch_size and n > batch_size:
+            xb = xb[torch.arange(batch_size, device=device) % k]
+        logits = forward(xb)[:k]
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").to(torch.float64)
+        correct += (logits.argmax(1) == yb).sum()
+    return float(loss_sum) / max(n, 1), int(correct) / max(n, 1)

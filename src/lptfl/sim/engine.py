@@ -22,6 +22,7 @@ from lptfl import codec
 from lptfl.data import Dataset, dirichlet_partition, iid_partition, load_dataset, partition_summary
 from lptfl.fl import ClientStateStore, LocalTrainer, Server, ServerConfig, evaluate, full_precision_names
 from lptfl.models import build_model
+from lptfl.quant.compiled import MaybeCompiled
 from lptfl.sim.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Simulation:
         )
         self.eval_model = build_run_model(config, self.data).to(self.device)
         self.policy.prepare_model(self.eval_model, example.to(self.device))
+        self.eval_forward = MaybeCompiled(self.eval_model, enabled=compile_on)
         self.server = Server(
             initial,
             ServerConfig(
@@ -184,7 +186,10 @@ class Simulation:
             sample_sum += result.num_samples
         self.server.end_round()
         self.eval_model.load_state_dict(self.server.served_state())
-        test_loss, test_acc = evaluate(self.eval_model, self.data.test_x, self.data.test_y, batch_size=cfg.test_batch_size)
+        test_loss, test_acc = evaluate(
+            self.eval_model, self.data.test_x, self.data.test_y,
+            batch_size=cfg.test_batch_size, forward=self.eval_forward,
+        )
         elapsed = time.perf_counter() - started
         self.wall_time_s += elapsed
         stats = self.server.stats
