@@ -55,17 +55,18 @@ def quantize_with_key(x: torch.Tensor, fmt: BFPFormat, key: torch.Tensor | None)
     shift = (fmt.bits - 2) - block_exponent(amax, fmt)
     low = shift.clamp(_LOW_MIN, _LOW_MAX)
     high = shift - low
-    q = xf * _pow2(low) * _pow2(high)
+    q = xf * _pow2(low)  # a new tensor: the in-place steps below never touch x
+    q.mul_(_pow2(high))
     if fmt.rounding == "nearest":
-        q = torch.round(q)
+        q.round_()
     else:
         if key is None:
             raise ValueError("stochastic rounding needs a key")
-        q = torch.floor(q + hashed_uniform_like(q, key))
-    q = q.clamp(fmt.mantissa_min, fmt.mantissa_max) + 0.0  # + 0.0 turns -0.0 into +0.0
-    out = q * _pow2(-low) * _pow2(-high)
-    out = torch.where(torch.isfinite(amax), out, torch.nan)
-    return out.to(x.dtype)
+        q.add_(hashed_uniform_like(q, key)).floor_()
+    q.clamp_(fmt.mantissa_min, fmt.mantissa_max).add_(0.0)  # + 0.0 turns -0.0 into +0.0
+    q.mul_(_pow2(-low)).mul_(_pow2(-high))
+    q = torch.where(torch.isfinite(amax), q, torch.nan)
+    return q.to(x.dtype)
 
 
 def check_quantizable(x: torch.Tensor, fmt: BFPFormat) -> None:

@@ -18,6 +18,10 @@ LR_SCHEDULES = ("none", "cosine", "step")
 CLIENT_STATES = ("auto", "memory", "disk", "none")
 COMPILE_MODES = ("auto", "on", "off")
 AGGREGATION_MODES = ("fedavg",)
+ROBUST_MODES = ("none", "median", "trimmed_mean")
+# settings added after results were published: left out of the fingerprint at their default,
+# so the fingerprints of older runs stay valid
+_FINGERPRINT_IF_SET = {"dropout": 0.0, "min_clients": 1, "max_update_norm": 0.0, "robust": "none", "trim_fraction": 0.1}
 
 
 @dataclass
@@ -31,7 +35,7 @@ class RunConfig:
     partition: str = "dirichlet"
     model_name: str = "ConvNet"
     model_width: int = 0
-    c_rounds: int = 20
+    c_rounds: int = 12
     num_clients: int = 10
     frac: float = 0.5
     epochs: int = 1
@@ -60,6 +64,12 @@ class RunConfig:
     compute: str = "auto"
     device: str = "cpu"
     compress: bool = False
+    checkpoint_every: int = 1
+    dropout: float = 0.0
+    min_clients: int = 1
+    max_update_norm: float = 0.0
+    robust: str = "none"
+    trim_fraction: float = 0.1
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting and what was expected."""
@@ -99,6 +109,12 @@ class RunConfig:
         need(self.client_state in CLIENT_STATES, f"--client_state must be one of {CLIENT_STATES}, got {self.client_state!r}")
         need(self.compile in COMPILE_MODES, f"--compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         need(self.compute in ("auto", "bf16", "fp32"), f"--compute must be auto, bf16 or fp32, got {self.compute!r}")
+        need(self.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(self.min_clients >= 1, f"--min_clients must be >= 1, got {self.min_clients}")
+        need(self.max_update_norm >= 0, f"--max_update_norm must be >= 0 (0: no limit), got {self.max_update_norm}")
+        need(self.robust in ROBUST_MODES, f"--robust must be one of {ROBUST_MODES}, got {self.robust!r}")
+        need(0 <= self.trim_fraction < 0.5, f"--trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
 
     def policy(self) -> PrecisionPolicy:
         """The precision policy these flags describe."""
@@ -121,8 +137,11 @@ class RunConfig:
 
     def fingerprint(self) -> str:
         """A hash of every setting that changes results (not of device, compile or paths)."""
-        ignored = {"device", "compile", "data_path", "download", "client_state"}
-        items = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        ignored = {"device", "compile", "data_path", "download", "client_state", "checkpoint_every"}
+        items = {
+            k: v for k, v in self.to_dict().items()
+            if k not in ignored and not (k in _FINGERPRINT_IF_SET and v == _FINGERPRINT_IF_SET[k])
+        }
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

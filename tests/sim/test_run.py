@@ -1,0 +1,157 @@
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from lptfl.cli import main
+from lptfl.sim.config import RunConfig
+from lptfl.sim.engine import Simulation, sample_clients
+from lptfl.sim.runner import run_experiment
+
+FAST = dict(compile="off", model_width=8, num_clients=4, frac=0.5, epochs=1, batch_size=32)
+
+
+def write_idx(path, array, magic):
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def tiny_fmnist(root, n_train=240, n_test=80):
+    """A tiny Fashion-MNIST in the official IDX layout: class k images are bright in row band k."""
+    rng = np.random.default_rng(0)
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, size=(n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 * c + 4 : 2 * c + 7, :] = 250
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images, 0x803)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels, 0x801)
+    return root
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_digits_run_writes_well_formed_results_and_learns(tmp_path):
+    config = RunConfig(c_rounds=4, use_quantization=True, moving_average=True, alpha=1.0, lr=3e-3, **FAST)
+    summary = run_experiment(config, tmp_path, progress=False)
+    rounds = read_lines(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    for r in rounds:
+        for key in ("train_loss", "test_accuracy", "test_loss", "bytes_up", "bytes_down", "wall_time_s"):
+            assert key in r
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert r["bytes_up"] == sum(r["bytes_up_per_client"]) > 0
+        assert r["bytes_down"] == r["bytes_down_per_client"] * len(r["clients"]) > 0
+    assert rounds[-1]["test_accuracy"] > 0.3  # chance is 0.1
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["rounds"] == 4 and saved["config"]["use_quantization"] is True
+    assert saved["bytes_up_total"] == sum(r["bytes_up"] for r in rounds)
+    assert summary["final_accuracy_mean"] == pytest.approx(np.mean([r["test_accuracy"] for r in rounds]))
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_low_precision_payloads_are_about_a_quarter_of_fp32(tmp_path):
+    q8 = run_experiment(RunConfig(c_rounds=1, use_quantization=True, **FAST), tmp_path / "q8", progress=False)
+    fp = run_experiment(RunConfig(c_rounds=1, **FAST), tmp_path / "fp", progress=False)
+    ratio = q8["bytes_up_total"] / fp["bytes_up_total"]
+    assert 0.2 < ratio < 0.5  # width-8 model: tiny tensors, so headers weigh more than for the paper's ConvNet
+
+
+def test_fmnist_idx_files_end_to_end(tmp_path):
+    tiny_fmnist(tmp_path / "data")
+    config = RunConfig(dataset="fmnist", data_path=str(tmp_path / "data"), c_rounds=3, alpha=1.0, lr=3e-3,
+                       use_quantization=True, quantization_bits=6, moving_average=True, **FAST)
+    run_experiment(config, tmp_path / "out", progress=False)
+    rounds = read_lines(tmp_path / "out" / "metrics.jsonl")
+    assert len(rounds) == 3 and rounds[-1]["test_accuracy"] > 0.2
+
+
+def test_a_corrupted_uplink_is_skipped_and_the_round_completes(tmp_path, monkeypatch, caplog):
+    from lptfl import codec
+    from lptfl.sim import engine
+
+    config = RunConfig(c_rounds=1, use_quantization=True, **FAST)
+    sim = Simulation(config)
+    real_encode = codec.encode
+    calls = {"n": 0}
+
+    def corrupting_encode(*args, **kwargs):
+        payload = real_encode(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first uplink (call 1 is the downlink)
+            payload = payload[:-40] + bytes(40)
+        return payload
+
+    monkeypatch.setattr(engine.codec, "encode", corrupting_encode)
+    monkeypatch.setattr("lptfl.fl.server.codec.encode", corrupting_encode)
+    before = {k: v.clone() for k, v in sim.server.global_state.items()}
+    with caplog.at_level("WARNING"):
+        metrics = sim.run_round()
+    assert metrics.rejected == 1 and metrics.accepted == len(metrics.clients) - 1
+    assert "rejected the update" in caplog.text and metrics.rejected_reasons
+    assert any(not torch.equal(before[k], v) for k, v in sim.server.global_state.items())
+
+
+def test_sampling_is_uniform_without_replacement_and_seeded():
+    a = sample_clients(80, 0.4, seed=1, round_index=3)
+    assert len(a) == 32 == len(set(a)) and a == sample_clients(80, 0.4, seed=1, round_index=3)
+    assert a != sample_clients(80, 0.4, seed=1, round_index=4)
+    counts = np.zeros(20)
+    for r in range(2000):
+        counts[sample_clients(20, 0.25, seed=0, round_index=r)] += 1
+    assert counts.min() > 0.8 * counts.mean()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--quantization_bits", "1"], "quantization_bits"),
+        (["--quantization_bits", "17"], "quantization_bits"),
+        (["--alpha", "0"], "alpha"),
+        (["--frac", "1.5"], "frac"),
+        (["--frac", "0"], "frac"),
+        (["--dataset", "imagenet"], "dataset"),
+        (["--model_name", "vgg"], "model_name"),
+        (["--num_clients", "100000"], "num_clients"),
+        (["--dataset", "fmnist", "--data_path", "/nonexistent"], "missing"),
+    ],
+)
+def test_cli_rejects_bad_values(tmp_path, capsys, flags, message):
+    code = main(["run", *flags, "--out", str(tmp_path / "o"), "--quiet", "--compile", "off"])
+    assert code == 2
+    err = capsys.readouterr().err.lower()
+    assert message.lower() in err
+
+
+def test_cli_refuses_to_clobber_a_run_unless_overwrite(tmp_path, capsys):
+    args = ["run", "--c_rounds", "1", "--num_clients", "2", "--model_width", "8", "--compile", "off",
+            "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    first = (tmp_path / "metrics.jsonl").read_text()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "metrics.jsonl").read_text() == first
+    assert main([*args, "--overwrite"]) == 0
+    assert main(["report", str(tmp_path)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_config_file_and_flag_override(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('c_rounds = 1\nnum_clients = 3\nmodel_width = 8\ncompile = "off"\nseed = 5\n')
+    assert main(["run", "--config", str(toml), "--seed", "6", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    saved = json.loads((tmp_path / "o" / "summary.json").read_text())["config"]
+    assert saved["num_clients"] == 3 and saved["seed"] == 6
+
+
+def test_published_style_invocation_without_subcommand(tmp_path):
+    assert main(["--c_rounds", "1", "--num_clients", "2", "--model_width", "8", "--compile", "off",
+                 "--out", str(tmp_path), "--quiet"]) == 0
