@@ -35,13 +35,29 @@ _HELP = {
     "moving_average": "keep the server moving average and serve it (the paper's paradigm)",
     "moving_weight": "lambda of the moving average",
     "ma_start": "first round entering the moving average",
-    "aggregation_mode": "FL algorithm",
+    "aggregation_mode": "FL algorithm: fedavg, fedprox, fedbn (batch norm stays local), abavg (accuracy-weighted)",
+    "model_norm": "ConvNet normalisation: instancenorm, groupnorm, batchnorm, layernorm, none (empty: default)",
+    "lambda_fedprox": "FedProx mu: local loss + mu * ||w - w_global||^2",
+    "abavg_val_fraction": "ABAvg: fraction of the training set held out as server validation data",
+    "abavg_use_test_set": "ABAvg: weight clients by test-set accuracy (the published code) instead",
+    "server_optimizer": "none, fedavgm, fedadam, fedyogi: server step on the pseudo-gradient served - mean",
+    "server_lr": "server learning rate (0: 1 for fedavgm, 0.1 fedadam, 0.01 fedyogi)",
+    "server_momentum": "fedavgm momentum",
+    "server_beta1": "fedadam/fedyogi first-moment decay",
+    "server_beta2": "fedadam/fedyogi second-moment decay",
+    "server_tau": "fedadam/fedyogi adaptivity (0: 1e-9 fedadam, 1e-3 fedyogi)",
     "aggregation_weighting": "uniform (published code) or samples (weighted by client data size)",
     "client_state": "client optimizer state: auto, memory, disk (spilled under --out), none (fresh each round)",
     "compile": "torch.compile the training step: auto (on for low precision), on, off",
     "compute": "auto, bf16 (exact bf16 products on a <=8-bit grid), fp32",
     "device": "cpu or cuda",
     "compress": "zstd on the payloads (lossless)",
+    "checkpoint_every": "write a crash-safe checkpoint every N rounds (and after the last); 0: none",
+    "dropout": "probability that a sampled client fails to reply (reproducible per seed, round, client)",
+    "min_clients": "skip a round (models unchanged, metrics skipped: true) with fewer accepted updates",
+    "max_update_norm": "reject an update farther than this (L2) from the served model; 0: no limit",
+    "robust": "none (running mean), median or trimmed_mean (coordinate-wise)",
+    "trim_fraction": "fraction trimmed at each end by --robust trimmed_mean, in [0, 0.5)",
 }
 
 
@@ -57,6 +73,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML file of flag values (flags given here override it)")
     parser.add_argument("--out", type=Path, help="output directory (default runs/<dataset>-<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    parser.add_argument("--resume", type=Path, metavar="DIR",
+                        help="continue the run in DIR from its checkpoint, with its saved config.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return parser
 
@@ -65,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lptfl", description="Low-precision federated learning (NeurIPS 2024).")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _flower_local_parser(sub)
     report = sub.add_parser("report", help="paper-style table and curves of several runs")
     report.add_argument("runs", nargs="+", type=Path, help="run directories")
     report.add_argument("--plot", type=Path, help="save the curves of all runs here (PNG)")
@@ -73,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Defaults, then the TOML file, then the flags given on the command line."""
+    return RunConfig.from_dict(_given_values(args))
+
+
+def _given_values(args: argparse.Namespace) -> dict:
+    """The settings given by the TOML file and the flags (not the defaults)."""
     values: dict = {}
     config_file = getattr(args, "config", None)
     if config_file is not None:
@@ -80,26 +104,40 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             values.update(tomllib.load(handle))
     names = {f.name for f in fields(RunConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    return RunConfig.from_dict(values)
+    return values
 
 
 def _command_run(args: argparse.Namespace) -> int:
-    from lptfl.sim.runner import OutputExistsError, run_experiment
+    from lptfl.sim.runner import OutputExistsError, RunInterrupted, run_experiment
 
-    config = config_from_args(args)
-    config.validate()
+    resume = getattr(args, "resume", None)
     out = getattr(args, "out", None)
+    if resume is not None:
+        from lptfl.sim.checkpoint import resume_config
+
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise ValueError(f"--out {out} and --resume {resume} name different directories")
+        if getattr(args, "overwrite", False):
+            raise ValueError("--overwrite and --resume exclude each other")
+        config, out = resume_config(resume, _given_values(args)), Path(resume)
+    else:
+        config = config_from_args(args)
+    config.validate()
     if out is None:
         import time
 
         out = Path("runs") / f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         summary = run_experiment(
-            config, out, overwrite=getattr(args, "overwrite", False), progress=not getattr(args, "quiet", False)
+            config, out, overwrite=getattr(args, "overwrite", False), progress=not getattr(args, "quiet", False),
+            resume=resume is not None,
         )
     except OutputExistsError as err:
         print(f"lptfl: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as err:
+        print(f"lptfl: {err}", file=sys.stderr)
+        return 128 + err.signum
     print(
         f"final accuracy {summary['final_accuracy_mean']:.4f} +- {summary['final_accuracy_std']:.4f} "
         f"(last 5 rounds); uplink {summary['bytes_up_total']} B, downlink {summary['bytes_down_total']} B; "
@@ -122,6 +160,72 @@ def _command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flower_local_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("flower-local", argument_default=argparse.SUPPRESS,
+                            help="run on a local Flower federation (SuperLink + SuperNodes on 127.0.0.1)")
+    parser.add_argument("--supernodes", type=int, default=2, help="SuperNodes, one data partition each (default 2)")
+    parser.add_argument("--rounds", type=int, help="communication rounds (same as --c_rounds)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    parser.add_argument("--tls", action="store_true", help="TLS with a throwaway CA made by openssl (default: insecure)")
+    parser.add_argument("--flwr-home", type=Path, help="FLWR_HOME and process logs (default: a temporary directory)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped (default 3600)")
+    parser.add_argument("--round-timeout", type=float, default=600.0,
+                        help="seconds a round waits for replies; late or dead nodes are counted as failed (default 600)")
+    parser.add_argument("--config", type=Path, help="TOML file of flag values (flags given here override it)")
+    parser.add_argument("--quiet", action="store_true", help="warnings only")
+    for f in fields(RunConfig):
+        if f.name in ("num_clients", "checkpoint_every", "dropout"):
+            continue  # num_clients is --supernodes; checkpoints and simulated dropout are simulator-only
+        if f.type in ("bool", bool):
+            parser.add_argument(f"--{f.name}", action="store_true", help=_HELP.get(f.name))
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(f"--{f.name}", type=kind, help=f"{_HELP.get(f.name, '')} (default {f.default})".strip())
+
+
+def _command_flower_local(args: argparse.Namespace) -> int:
+    import signal
+    import tempfile
+    from dataclasses import replace
+
+    from lptfl.flower.config import FlowerOptions
+    from lptfl.flower.local import FlowerRunError, make_certificates, run_local
+    from lptfl.sim.runner import OutputExistsError, prepare_output
+
+    config = replace(config_from_args(args), num_clients=args.supernodes)
+    if getattr(args, "rounds", None) is not None:
+        config = replace(config, c_rounds=args.rounds)
+    config.validate()
+    try:
+        prepare_output(args.out, overwrite=getattr(args, "overwrite", False))
+    except OutputExistsError as err:
+        print(f"lptfl: {err}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the federation on SIGTERM too
+    with tempfile.TemporaryDirectory(prefix="lptfl-certs-") as certs:
+        try:
+            tls = make_certificates(Path(certs)) if getattr(args, "tls", False) else None
+            summary = run_local(config, args.out, supernodes=args.supernodes, home=getattr(args, "flwr_home", None),
+                                tls=tls, timeout=args.timeout, options=FlowerOptions(round_timeout=args.round_timeout))
+        except FlowerRunError as err:
+            print(f"lptfl: flower run failed: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("lptfl: interrupted; the local federation was stopped", file=sys.stderr)
+            return 130
+    from lptfl.report import plot_curves
+    from lptfl.sim.results import CURVES
+
+    plot_curves([args.out], args.out / CURVES)
+    print(
+        f"final accuracy {summary['final_accuracy_mean']:.4f} +- {summary['final_accuracy_std']:.4f} "
+        f"(last 5 rounds); uplink {summary['bytes_up_total']} B, downlink {summary['bytes_down_total']} B; "
+        f"{summary['wall_time_s']:.1f} s; results in {args.out} (Flower, {args.supernodes} SuperNodes)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
@@ -132,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _command_run(args)
+        if args.command == "flower-local":
+            return _command_flower_local(args)
         return _command_report(args)
     except (ValueError, DatasetError) as err:
         print(f"lptfl: error: {err}", file=sys.stderr)

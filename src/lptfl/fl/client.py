@@ -147,6 +147,9 @@ class LocalTrainer:
                 opt.zero_grad(set_to_none=False)
                 if regularizer is None:
                     loss = self._step_loss(x, y, batch, batch_size)
+                elif hasattr(regularizer, "add_gradient"):  # closed-form gradient: keeps the fused step
+                    loss = self._step_loss(x, y, batch, batch_size)
+                    regularizer.add_gradient()
                 else:
                     loss = F.cross_entropy(model(x[batch]), y[batch])
                     (loss + regularizer(model)).backward()

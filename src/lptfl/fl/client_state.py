@@ -100,6 +100,22 @@ class ClientStateStore:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
 
+    def clients(self) -> list[int]:
+        """The clients that have a stored state, ascending."""
+        if self.directory is None:
+            return sorted(self._memory)
+        return sorted(int(p.stem.split("-")[1]) for p in self.directory.glob("client-*.npz"))
+
+    def snapshot(self) -> tuple[list[str] | None, dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """(state names, in-memory states by client) for a checkpoint; a disk store's files
+        are not copied here (the checkpoint links them, see ``lptfl.sim.checkpoint``)."""
+        return (list(self._names) if self._names is not None else None), dict(self._memory)
+
+    def restore(self, names: list[str] | None, memory: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Replace the store's contents with what :meth:`snapshot` returned."""
+        self._names = list(names) if names is not None else None
+        self._memory = {int(c): (np.asarray(f, np.float32), np.asarray(s, np.float64)) for c, (f, s) in memory.items()}
+
     def load(self, client: int, optimizer: torch.optim.Optimizer) -> None:
         """Put client ``client``'s state into ``optimizer`` (a fresh state if it has none)."""
         if client not in self or self._names is None:

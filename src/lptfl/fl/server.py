@@ -10,13 +10,15 @@ copy of ``w``). The served model is the one evaluated.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from lptfl import codec
 from lptfl.fl.aggregate import RunningMean, State, moving_average
+from lptfl.fl.robust import ROBUST_MODES, CoordinateWise, update_distance
+from lptfl.fl.server_optim import ServerOptimizer
 from lptfl.quant import BFPFormat
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,12 @@ class ServerConfig:
         downlink: format of the served model on the wire (None: fp32).
         uplink: format the clients use (None: fp32); only informs the expected payload.
         max_payload_bytes: uplink payloads larger than this are rejected unread.
+        min_clients: a round with fewer accepted updates is skipped (models unchanged).
+        max_update_norm: reject an update whose L2 distance from the served model exceeds
+            this (None: no limit).
+        robust: ``"none"`` (running weighted mean), ``"median"`` or ``"trimmed_mean"``
+            (coordinate-wise, unweighted; holds the round's updates).
+        trim_fraction: fraction dropped at each end by ``"trimmed_mean"``.
     """
 
     moving_average: bool = False
@@ -46,6 +54,10 @@ class ServerConfig:
     downlink: BFPFormat | None = None
     uplink: BFPFormat | None = None
     max_payload_bytes: int = 1 << 30
+    min_clients: int = 1
+    max_update_norm: float | None = None
+    robust: str = "none"
+    trim_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -54,6 +66,14 @@ class ServerConfig:
             raise ValueError(f"moving_weight must be in [0, 1), got {self.moving_weight}")
         if self.ma_start < 1:
             raise ValueError(f"ma_start must be >= 1, got {self.ma_start}")
+        if self.min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ValueError(f"max_update_norm must be > 0, got {self.max_update_norm}")
+        if self.robust not in ROBUST_MODES:
+            raise ValueError(f"robust must be one of {ROBUST_MODES}, got {self.robust!r}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
 
 
 @dataclass
@@ -64,6 +84,9 @@ class RoundStats:
     rejected: int = 0
     reasons: list[str] = field(default_factory=list)
     bytes_up: list[int] = field(default_factory=list)
+    rejected_norm: int = 0
+    skipped: bool = False
+    weights: list[float] = field(default_factory=list)
 
 
 def full_precision_names(model: torch.nn.Module) -> list[str]:
@@ -88,7 +111,14 @@ class Server:
         self.average_state: State | None = None
         self.round = 0
         self._expect = {k: (tuple(v.shape), v.dtype) for k, v in self.global_state.items()}
-        self._mean: RunningMean | None = None
+        # algorithm hooks (lptfl.fl.algorithms / server_optim): entries kept on the clients
+        # (FedBN), a scorer giving each decoded update its aggregation weight (ABAvg), and a
+        # server optimizer turning (served, mean) into the new global model (FedOpt)
+        self.local_names: frozenset[str] = frozenset()
+        self.scorer: Callable[[State], float] | None = None
+        self.optimizer: ServerOptimizer | None = None
+        self._mean: RunningMean | CoordinateWise | None = None
+        self._reference: State | None = None
         self.stats = RoundStats()
 
     def served_state(self) -> State:
@@ -97,10 +127,22 @@ class Server:
 
     def downlink(self) -> bytes:
         """The encoded, quantized served model (nearest rounding)."""
-        return codec.encode(self.served_state(), self.config.downlink, full_precision=self.full_precision)
+        state = self.served_state()
+        if self.local_names:
+            state = {k: v for k, v in state.items() if k not in self.local_names}
+        full_precision = [k for k in self.full_precision if k in state]
+        return codec.encode(state, self.config.downlink, full_precision=full_precision)
+
+    def keep_local(self, names: Iterable[str]) -> None:
+        """State entries that stay on the clients: left out of the downlink, expected absent from
+        the uplink, and never aggregated (the global model keeps its values for them)."""
+        self.local_names = frozenset(names)
+        self._expect = {k: v for k, v in self._expect.items() if k not in self.local_names}
 
     def begin_round(self) -> None:
-        self._mean = RunningMean()
+        cfg = self.config
+        self._mean = RunningMean() if cfg.robust == "none" else CoordinateWise(cfg.robust, cfg.trim_fraction)
+        self._reference = self.served_state()
         self.stats = RoundStats()
 
     def receive(self, payload: bytes, num_samples: int, client: int | str = "?") -> bool:
@@ -115,7 +157,19 @@ class Server:
             self.stats.reasons.append(f"client {client}: {err}")
             log.warning("rejected the update of client %s: %s", client, err)
             return False
+        if self.config.max_update_norm is not None and self._reference is not None:
+            distance = update_distance(state, self._reference)
+            if not distance <= self.config.max_update_norm:
+                self.stats.rejected += 1
+                self.stats.rejected_norm += 1
+                reason = f"update norm {distance:.4g} exceeds --max_update_norm {self.config.max_update_norm:g}"
+                self.stats.reasons.append(f"client {client}: {reason}")
+                log.warning("rejected the update of client %s: %s", client, reason)
+                return False
         weight = float(num_samples) if self.config.weighting == "samples" else 1.0
+        if self.scorer is not None:
+            weight = float(self.scorer(state))
+        self.stats.weights.append(weight)
         self._mean.add(state, weight if weight > 0 else 1.0)
         self.stats.accepted += 1
         return True
@@ -127,10 +181,15 @@ class Server:
             raise RuntimeError("end_round() called outside a round")
         self.round += 1
         mean, self._mean = self._mean, None
-        if mean.count == 0:
-            log.warning("round %d: no valid update arrived; the global model is unchanged", self.round)
+        if mean.count < max(1, self.config.min_clients):
+            self.stats.skipped = True
+            log.warning("round %d: %d valid update(s) arrived, fewer than the %d needed; the round is skipped "
+                        "and the models are unchanged", self.round, mean.count, max(1, self.config.min_clients))
             return False
-        self.global_state = mean.result(self.global_state)
+        aggregate = mean.result(self.global_state)
+        if self.optimizer is not None and self._reference is not None:
+            aggregate = self.optimizer.step(self._reference, aggregate)
+        self.global_state = aggregate
         if self.config.moving_average and self.round >= self.config.ma_start:
             if self.average_state is None:
                 self.average_state = {k: v.clone() for k, v in self.global_state.items()}

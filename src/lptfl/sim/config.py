@@ -17,11 +17,17 @@ PARTITIONS = ("dirichlet", "dirichlet-plain", "iid")
 LR_SCHEDULES = ("none", "cosine", "step")
 CLIENT_STATES = ("auto", "memory", "disk", "none")
 COMPILE_MODES = ("auto", "on", "off")
-AGGREGATION_MODES = ("fedavg",)
+AGGREGATION_MODES = ("fedavg", "fedprox", "fedbn", "abavg")
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
 ROBUST_MODES = ("none", "median", "trimmed_mean")
 # settings added after results were published: left out of the fingerprint at their default,
 # so the fingerprints of older runs stay valid
 _FINGERPRINT_IF_SET = {"dropout": 0.0, "min_clients": 1, "max_update_norm": 0.0, "robust": "none", "trim_fraction": 0.1}
+_FINGERPRINT_IF_SET.update({  # FL algorithms (lptfl.fl.algorithms, lptfl.fl.server_optim)
+    "model_norm": "", "lambda_fedprox": 0.01, "abavg_val_fraction": 0.05, "abavg_use_test_set": False,
+    "server_optimizer": "none", "server_lr": 0.0, "server_momentum": 0.9, "server_beta1": 0.9,
+    "server_beta2": 0.99, "server_tau": 0.0,
+})
 
 
 @dataclass
@@ -70,6 +76,16 @@ class RunConfig:
     max_update_norm: float = 0.0
     robust: str = "none"
     trim_fraction: float = 0.1
+    model_norm: str = ""
+    lambda_fedprox: float = 0.01
+    abavg_val_fraction: float = 0.05
+    abavg_use_test_set: bool = False
+    server_optimizer: str = "none"
+    server_lr: float = 0.0
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 0.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting and what was expected."""
@@ -115,6 +131,19 @@ class RunConfig:
         need(self.max_update_norm >= 0, f"--max_update_norm must be >= 0 (0: no limit), got {self.max_update_norm}")
         need(self.robust in ROBUST_MODES, f"--robust must be one of {ROBUST_MODES}, got {self.robust!r}")
         need(0 <= self.trim_fraction < 0.5, f"--trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        need(self.model_norm in ("", "instancenorm", "groupnorm", "batchnorm", "layernorm", "none"),
+             f"--model_norm must be empty (the model's default) or a ConvNet norm, got {self.model_norm!r}")
+        need(self.lambda_fedprox >= 0, f"--lambda_fedprox must be >= 0, got {self.lambda_fedprox}")
+        need(0 < self.abavg_val_fraction < 1, f"--abavg_val_fraction must be in (0, 1), got {self.abavg_val_fraction}")
+        need(self.server_optimizer in SERVER_OPTIMIZERS,
+             f"--server_optimizer must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
+        need(self.server_lr >= 0, f"--server_lr must be >= 0 (0: the optimizer's default), got {self.server_lr}")
+        need(0 <= self.server_momentum < 1, f"--server_momentum must be in [0, 1), got {self.server_momentum}")
+        need(0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1,
+             f"--server_beta1/--server_beta2 must be in [0, 1), got {self.server_beta1}, {self.server_beta2}")
+        need(self.server_tau >= 0, f"--server_tau must be >= 0 (0: the optimizer's default), got {self.server_tau}")
+        need(self.aggregation_mode != "abavg" or self.robust == "none",
+             "--aggregation_mode abavg weights the mean; it cannot be combined with --robust")
 
     def policy(self) -> PrecisionPolicy:
         """The precision policy these flags describe."""

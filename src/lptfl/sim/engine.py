@@ -21,6 +21,7 @@ import torch
 from lptfl import codec
 from lptfl.data import Dataset, dirichlet_partition, iid_partition, load_dataset, partition_summary
 from lptfl.fl import ClientStateStore, LocalTrainer, Server, ServerConfig, evaluate, full_precision_names
+from lptfl.fl.algorithms import AlgorithmHooks, validation_split
 from lptfl.models import build_model
 from lptfl.quant.compiled import MaybeCompiled
 from lptfl.sim.config import RunConfig
@@ -40,6 +41,14 @@ def sample_clients(num_clients: int, frac: float, seed: int, round_index: int) -
     m = max(1, int(round(frac * num_clients)))
     rng = np.random.default_rng(derive_seed(seed, round_index, 0x5A))
     return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
+
+
+def client_fails(seed: int, round_index: int, client: int, probability: float) -> bool:
+    """Whether sampled ``client`` fails to reply in ``round_index`` (``--dropout``): a draw from
+    ``derive_seed(seed, round, client, tag)``, so it is reproducible and independent of history."""
+    if probability <= 0:
+        return False
+    return derive_seed(seed, round_index, client, 0xD0) / float(1 << 63) < probability
 
 
 def learning_rate(base: float, schedule: str, round_index: int, rounds: int) -> float:
@@ -68,6 +77,8 @@ def build_run_model(config: RunConfig, data: Dataset) -> torch.nn.Module:
     """The model of the run, with parameters initialised from ``config.seed``."""
     channels, height, _ = data.input_shape
     options = {"width": config.model_width} if config.model_width and config.model_name.lower() == "convnet" else {}
+    if config.model_norm and config.model_name.lower() == "convnet":
+        options["norm"] = config.model_norm
     if config.model_width and config.model_name.lower() == "mlp":
         options = {"hidden": config.model_width}
     torch.manual_seed(derive_seed(config.seed, 0x11))
@@ -93,6 +104,11 @@ class RoundMetrics:
     round_time_s: float
     wall_time_s: float
     rejected_reasons: list[str] = field(default_factory=list)
+    failed: int = 0
+    failed_clients: list[int] = field(default_factory=list)
+    rejected_norm: int = 0
+    skipped: bool = False
+    vote_accuracy: float | None = None  # fedbn: majority vote of the participants' models
 
 
 class Simulation:
@@ -109,7 +125,15 @@ class Simulation:
         self.device = torch.device(config.device)
         self.data = load_dataset(config.dataset, config.data_path, download=config.download)
         labels = self.data.train_y.numpy()
-        self.parts = partition_data(config, labels)
+        self.val_x = self.val_y = None  # ABAvg's server-held validation data
+        if config.aggregation_mode == "abavg" and config.abavg_use_test_set:
+            self.val_x, self.val_y = self.data.test_x, self.data.test_y
+        if config.aggregation_mode == "abavg" and not config.abavg_use_test_set:
+            pool, val = validation_split(len(labels), config.abavg_val_fraction, config.seed)
+            self.val_x, self.val_y = self.data.train_x[torch.from_numpy(val)], self.data.train_y[torch.from_numpy(val)]
+            self.parts = [pool[p] for p in partition_data(config, labels[pool])]  # no client trains on val
+        else:
+            self.parts = partition_data(config, labels)
         log.info("partition:\n%s", partition_summary(labels, self.parts, self.data.num_classes))
         self.client_x = [self.data.train_x[torch.from_numpy(p)] for p in self.parts]
         self.client_y = [self.data.train_y[torch.from_numpy(p)] for p in self.parts]
@@ -132,10 +156,13 @@ class Simulation:
                 moving_average=config.moving_average, moving_weight=config.moving_weight,
                 ma_start=config.ma_start, weighting=config.aggregation_weighting,
                 downlink=self.policy.downlink, uplink=self.policy.uplink,
+                min_clients=config.min_clients, max_update_norm=config.max_update_norm or None,
+                robust=config.robust, trim_fraction=config.trim_fraction,
             ),
             full_precision=self.full_precision,
         )
         self.store = self._client_store(out_dir, model)
+        self.algorithm = AlgorithmHooks(self)
         self.wall_time_s = 0.0
 
     def _client_store(self, out_dir: Path | None, model: torch.nn.Module) -> ClientStateStore | None:
@@ -166,21 +193,26 @@ class Simulation:
         self.trainer.set_lr(lr)
         down = self.server.downlink()
         start_state = codec.decode(down)
+        regularizer = self.algorithm.begin_round(start_state)
         self.server.begin_round()
         loss_sum, sample_sum = 0.0, 0
+        failed = [c for c in clients if client_fails(cfg.seed, round_index, c, cfg.dropout)]
         for client in clients:
+            if client in failed:  # received the model but never replied: no training, no state change
+                continue
             if self.store is not None:
                 self.store.load(client, self.trainer.inner)
             else:
                 self.trainer.inner.state.clear()
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, client))
             result = self.trainer.train(
-                start_state, self.client_x[client], self.client_y[client],
-                epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator,
+                self.algorithm.client_start(client, start_state), self.client_x[client], self.client_y[client],
+                epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, regularizer=regularizer,
             )
             if self.store is not None:
                 self.store.save(client, self.trainer.inner)
-            up = codec.encode(result.state, self.policy.uplink, full_precision=self.full_precision, compress=cfg.compress)
+            up = codec.encode(self.algorithm.client_uplink(client, result.state), self.policy.uplink,
+                              full_precision=self.algorithm.uplink_full_precision, compress=cfg.compress)
             self.server.receive(up, result.num_samples, client)
             loss_sum += result.loss * result.num_samples
             sample_sum += result.num_samples
@@ -209,4 +241,9 @@ class Simulation:
             round_time_s=elapsed,
             wall_time_s=self.wall_time_s,
             rejected_reasons=list(stats.reasons),
+            failed=len(failed),
+            failed_clients=failed,
+            rejected_norm=stats.rejected_norm,
+            skipped=stats.skipped,
+            vote_accuracy=self.algorithm.vote_accuracy(),
         )

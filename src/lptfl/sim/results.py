@@ -48,6 +48,8 @@ def summarize(config: RunConfig, rounds: list[dict], *, wall_time_s: float) -> d
         "bytes_down_total": sum(r["bytes_down"] for r in rounds),
         "bytes_counted_from": "len() of the encoded payloads (lptfl.codec, both directions)",
         "rejected_updates_total": sum(r.get("rejected", 0) for r in rounds),
+        "failed_clients_total": sum(r.get("failed", 0) for r in rounds),
+        "skipped_rounds": [r["round"] for r in rounds if r.get("skipped")],
         "wall_time_s": wall_time_s,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
     }

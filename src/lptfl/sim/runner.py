@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import signal
+import threading
 from pathlib import Path
 
 from tqdm import tqdm
 
+from lptfl.sim.checkpoint import (
+    CHECKPOINT, CONFIG, CheckpointError, load_checkpoint, remove_checkpoints, restore_simulation, save_checkpoint,
+    truncate_metrics, write_config,
+)
 from lptfl.sim.config import RunConfig
 from lptfl.sim.engine import Simulation
 from lptfl.sim.results import CURVES, METRICS, SUMMARY, append_metrics, read_metrics, summarize, write_summary
@@ -18,21 +25,41 @@ class OutputExistsError(Exception):
     """The output directory already holds a run."""
 
 
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM stopped the run after a finished, checkpointed round."""
+
+    def __init__(self, signum: int, round_index: int, out_dir: Path) -> None:
+        self.signum, self.round, self.out_dir = signum, round_index, out_dir
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after round {round_index} (checkpoint and metrics saved); "
+                         f"continue with: lptfl run --resume {out_dir}")
+
+
 def prepare_output(out_dir: Path, *, overwrite: bool) -> None:
     """Create ``out_dir``; refuse one that holds results unless ``overwrite`` (then clear them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    existing = [name for name in (METRICS, SUMMARY, CURVES) if (out_dir / name).exists()]
+    existing = [name for name in (METRICS, SUMMARY, CURVES, CONFIG, CHECKPOINT) if (out_dir / name).exists()]
     if existing and not overwrite:
         raise OutputExistsError(
-            f"{out_dir} already holds a run ({', '.join(existing)}); pass --overwrite to replace it "
-            "or choose another --out"
+            f"{out_dir} already holds a run ({', '.join(existing)}); pass --overwrite to replace it, "
+            "--resume to continue it, or choose another --out"
         )
     for name in existing:
         (out_dir / name).unlink()
+    if overwrite:
+        remove_checkpoints(out_dir)
+        shutil.rmtree(out_dir / "client_state", ignore_errors=True)  # a disk store of the old run
 
 
-def run_experiment(config: RunConfig, out_dir: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
+def run_experiment(
+    config: RunConfig, out_dir: Path, *, overwrite: bool = False, progress: bool = True, resume: bool = False
+) -> dict:
     """Run ``config`` for ``config.c_rounds`` rounds, writing results into ``out_dir``.
+
+    Every ``config.checkpoint_every`` rounds (and after the last) the state is checkpointed
+    (:mod:`lptfl.sim.checkpoint`). With ``resume`` the run in ``out_dir`` continues from its
+    checkpoint (``config`` must have its fingerprint). SIGINT/SIGTERM finish the current round,
+    write its metrics line and a checkpoint, then raise :class:`RunInterrupted`.
 
     Returns:
         The summary (also written to ``out_dir/summary.json``).
@@ -41,15 +68,58 @@ def run_experiment(config: RunConfig, out_dir: Path, *, overwrite: bool = False,
 
     config.validate()
     out_dir = Path(out_dir)
-    prepare_output(out_dir, overwrite=overwrite)
+    checkpoint = None
+    if resume:
+        if not (out_dir / CONFIG).exists():
+            raise FileNotFoundError(f"cannot resume {out_dir}: no {CONFIG} there")
+        checkpoint = load_checkpoint(out_dir)
+        if checkpoint is not None and checkpoint.fingerprint != config.fingerprint():
+            raise CheckpointError(f"cannot resume {out_dir}: its checkpoint belongs to other settings (fingerprint "
+                                  f"{checkpoint.fingerprint}, these settings' is {config.fingerprint()})")
+        for name in (SUMMARY, CURVES):
+            if (out_dir / name).exists():
+                (out_dir / name).unlink()
+    else:
+        prepare_output(out_dir, overwrite=overwrite)
+        write_config(out_dir, config)
     sim = Simulation(config, out_dir)
-    bar = tqdm(total=config.c_rounds, desc="rounds", unit="round", disable=not progress)
-    while sim.round < config.c_rounds:
-        metrics = sim.run_round()
-        append_metrics(out_dir, metrics)
-        bar.update(1)
-        bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.train_loss:.3f}")
-    bar.close()
+    lines = 0
+    if resume:
+        restore_simulation(sim, checkpoint)
+        lines = checkpoint.metrics_lines if checkpoint is not None else 0
+        truncate_metrics(out_dir, lines, METRICS)
+        log.info("resuming %s after round %d", out_dir, sim.round)
+    stop: dict[str, int] = {}
+
+    def request_stop(signum: int, _frame) -> None:
+        if stop:
+            raise KeyboardInterrupt  # a second signal: stop at once (the last checkpoint stays valid)
+        stop["signum"] = signum
+        log.warning("%s: finishing round %d, then saving a checkpoint and stopping (repeat to stop at once)",
+                    signal.Signals(signum).name, sim.round + 1)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, request_stop)
+    try:
+        bar = tqdm(total=config.c_rounds, initial=sim.round, desc="rounds", unit="round", disable=not progress)
+        while sim.round < config.c_rounds:
+            metrics = sim.run_round()
+            append_metrics(out_dir, metrics)
+            lines += 1
+            every = config.checkpoint_every
+            if stop or (every and (sim.round % every == 0 or sim.round == config.c_rounds)):
+                save_checkpoint(out_dir, sim, metrics_lines=lines)
+            bar.update(1)
+            bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.train_loss:.3f}")
+            if stop and sim.round < config.c_rounds:
+                bar.close()
+                raise RunInterrupted(stop["signum"], sim.round, out_dir)
+        bar.close()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     summary = summarize(config, read_metrics(out_dir), wall_time_s=sim.wall_time_s)
     write_summary(out_dir, summary)
     plot_curves([out_dir], out_dir / CURVES)

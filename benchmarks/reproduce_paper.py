@@ -1,0 +1,130 @@
+"""Reproduce the paper's FedAvg table on Fashion-MNIST (REFERENCE §4-5): resumable grid runner.
+
+Run (CPU, hours):
+    python benchmarks/reproduce_paper.py --data_path ../shared/data --out results/fmnist-a0.01
+Run on a GPU machine and bring everything back as one archive:
+    python benchmarks/reproduce_paper.py --data_path data --device cuda --archive results.tar.gz
+
+Each configuration runs in its own ``lptfl run`` process into ``<out>/<config>[-s<seed>]/`` with a
+checkpoint every round. Finished runs (summary.json with all rounds) are skipped; a run with a
+checkpoint continues with ``--resume``. Afterwards ``<out>/table.md`` (mean +- std of the last 5
+rounds beside the paper's numbers) and ``<out>/curves.png`` are (re)written from whatever exists,
+so partial progress is always visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from lptfl.report import describe, plot_curves, table
+
+log = logging.getLogger("reproduce")
+
+PAPER_SETTING = [
+    "--dataset", "fmnist", "--model_name", "ConvNet", "--num_clients", "80", "--frac", "0.4",
+    "--epochs", "1", "--batch_size", "32", "--lr", "0.001", "--optimizer", "adam", "--block_dim", "BC",
+]
+CONFIGS = {
+    "q8-avg": ["--use_quantization", "--quantization_bits", "8", "--moving_average", "--ma_start", "1", "--moving_weight", "0.9"],
+    "q6-avg": ["--use_quantization", "--quantization_bits", "6", "--moving_average", "--ma_start", "1", "--moving_weight", "0.9"],
+    "fp32-avg": ["--moving_average", "--ma_start", "1", "--moving_weight", "0.9"],
+    "q8-noavg": ["--use_quantization", "--quantization_bits", "8"],
+    "q6-noavg": ["--use_quantization", "--quantization_bits", "6"],
+    "fp32-noavg": [],
+}
+# The paper's Table (FMNIST, ConvNet, test accuracy %, mean +- std): alpha -> config -> (mean, std).
+PAPER = {
+    0.01: {"q8-avg": (80.1, 0.7), "q6-avg": (78.0, 1.4), "fp32-avg": (80.7, 0.6),
+           "q8-noavg": (72.2, 2.0), "q6-noavg": (41.5, 4.8), "fp32-noavg": (79.5, 2.7)},
+    0.04: {"q8-avg": (83.8, 0.1), "q6-avg": (81.8, 0.1), "fp32-avg": (83.6, 0.0),
+           "q8-noavg": (79.3, 1.2), "q6-noavg": (72.5, 1.7), "fp32-noavg": (83.1, 2.1)},
+    0.16: {"q8-avg": (90.6, 0.3), "q6-avg": (89.7, 0.5), "fp32-avg": (90.7, 0.2),
+           "q8-noavg": (87.4, 2.2), "q6-noavg": (83.0, 1.3), "fp32-noavg": (90.2, 0.5)},
+}
+
+
+def rounds_done(run_dir: Path) -> int:
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        return int(json.loads(summary.read_text())["rounds"])
+    return 0
+
+
+def run_one(run_dir: Path, flags: list[str], rounds: int) -> None:
+    """Run (or resume) one configuration to ``rounds`` rounds in its own process."""
+    if rounds_done(run_dir) >= rounds:
+        log.info("%s: finished already, skipped", run_dir.name)
+        return
+    if (run_dir / "config.json").exists():
+        command = [sys.executable, "-m", "lptfl", "run", "--resume", str(run_dir), "--quiet"]
+        log.info("%s: resuming", run_dir.name)
+    else:
+        command = [sys.executable, "-m", "lptfl", "run", *flags, "--c_rounds", str(rounds), "--out", str(run_dir),
+                   "--checkpoint_every", "1", "--quiet"]
+        log.info("%s: starting", run_dir.name)
+    started = time.time()
+    subprocess.run(command, check=True)
+    log.info("%s: done in %.0f s", run_dir.name, time.time() - started)
+
+
+def write_table(out: Path, run_dirs: list[Path], alpha: float) -> None:
+    """``table.md``: our runs (mean +- std of the last 5 rounds) beside the paper's numbers."""
+    ours = table(run_dirs)
+    lines = ["| config | rounds | ours (%) | paper (%) |", "| --- | --- | --- | --- |"]
+    for run_dir in run_dirs:
+        row = describe(run_dir)
+        config = run_dir.name.split("-s")[0]
+        paper = PAPER.get(alpha, {}).get(config)
+        paper_text = f"{paper[0]:.1f} +- {paper[1]:.1f}" if paper else "-"
+        lines.append(f"| {run_dir.name} | {row['rounds']} | {row['mean']:.1f} +- {row['std']:.1f} | {paper_text} |")
+    (out / "table.md").write_text(
+        f"# Fashion-MNIST, alpha {alpha}: test accuracy of the served model, mean +- std of the last 5 rounds\n\n"
+        + "\n".join(lines) + "\n\n## Details\n\n" + ours
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_path", default="../shared/data")
+    parser.add_argument("--out", type=Path, default=Path("results/fmnist-a0.01"))
+    parser.add_argument("--configs", default="q8-avg,q8-noavg,fp32-noavg,q6-avg,fp32-avg")
+    parser.add_argument("--alpha", type=float, default=0.01)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--seeds", default="0", help="comma-separated; seed 0 runs go in <config>/, others in <config>-s<seed>/")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--archive", type=Path, help="also pack the result files (no checkpoints) into this .tar.gz")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_dirs = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name in args.configs.split(","):
+            if name not in CONFIGS:
+                raise SystemExit(f"unknown config {name!r}; expected one of {', '.join(CONFIGS)}")
+            run_dir = args.out / (name if seed == 0 else f"{name}-s{seed}")
+            flags = [*PAPER_SETTING, *CONFIGS[name], "--alpha", str(args.alpha), "--seed", str(seed),
+                     "--data_path", args.data_path, "--device", args.device]
+            run_dirs.append(run_dir)
+            try:
+                run_one(run_dir, flags, args.rounds)
+            finally:
+                present = [d for d in run_dirs if (d / "metrics.jsonl").exists()]
+                if present:
+                    write_table(args.out, present, args.alpha)
+                    plot_curves(present, args.out / "curves.png")
+    if args.archive is not None:
+        with tarfile.open(args.archive, "w:gz") as tar:
+            for path in sorted(args.out.rglob("*")):
+                if path.is_file() and path.name in {"metrics.jsonl", "summary.json", "config.json", "table.md", "curves.png"}:
+                    tar.add(path, arcname=str(path.relative_to(args.out.parent)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The Flower ``ClientApp``: one LPT-FL client update per ``train`` message.
+
+A SuperNode is one client of the simulator: its node config names its partition
+(``partition-id``, ``num-partitions``) of the training set, split by the simulator's own
+``partition_data`` with ``num_clients = num-partitions``. Training is ``LocalTrainer`` under
+``RunConfig.policy()``, seeded with ``derive_seed(seed, round, partition_id)`` like the
+simulator. Every message runs in a fresh process, so the client's optimizer state (the
+paper's persistent Adam moments) is kept in the node's ``Context.state`` between rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import replace
+
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from lptfl import codec
+from lptfl.data import load_dataset
+from lptfl.fl import LocalTrainer, full_precision_names
+from lptfl.flower.config import from_flower_config
+from lptfl.flower.payload import PAYLOAD_RECORD, from_record, to_record
+from lptfl.flower.strategy import CONFIG_RECORD, METRICS_RECORD
+from lptfl.sim.config import RunConfig
+from lptfl.sim.engine import build_run_model, derive_seed, partition_data
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+OPTIMIZER_STATE = "lptfl-optimizer-state"
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config."""
+    try:
+        pid, count = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError("the SuperNode needs --node-config \"partition-id=I num-partitions=N\"") from err
+    if not 0 <= pid < count:
+        raise ValueError(f"partition-id {pid} is outside [0, {count})")
+    return pid, count
+
+
+def _client_data(config: RunConfig, partition_id: int, num_partitions: int):
+    """(dataset, x, y) of the partition; cached for engines that reuse the process."""
+    key = (config.dataset, config.data_path, config.download, config.partition, config.alpha, config.seed)
+    return _cached_client_data(key, partition_id, num_partitions)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_client_data(key: tuple, partition_id: int, num_partitions: int):
+    dataset, data_path, download, partition, alpha, seed = key
+    config = RunConfig(dataset=dataset, data_path=data_path, download=download, partition=partition, alpha=alpha, seed=seed)
+    data = load_dataset(dataset, data_path, download=download)
+    parts = partition_data(replace(config, num_clients=num_partitions), data.train_y.numpy())
+    index = torch.from_numpy(parts[partition_id])
+    return data, data.train_x[index], data.train_y[index]
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, state: RecordDict) -> None:
+    """Put the optimizer's per-parameter tensors into ``state`` as numpy arrays."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    arrays = {}
+    for i, p in enumerate(params):
+        for name, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                arrays[f"{i}/{name}"] = Array(value.detach().cpu().numpy().copy())
+    if arrays:
+        state[OPTIMIZER_STATE] = ArrayRecord(arrays)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: RecordDict) -> bool:
+    """Restore what :func:`save_optimizer_state` kept; a fresh state if none (or it does not fit)."""
+    optimizer.state.clear()
+    record = state.array_records.get(OPTIMIZER_STATE) if OPTIMIZER_STATE in state else None
+    if record is None:
+        return False
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    restored: dict = {}
+    for key in record.keys():
+        index, name = key.split("/", 1)
+        p = params[int(index)]
+        value = torch.from_numpy(record[key].numpy().copy())
+        if value.dim() > 0 and value.shape != p.shape:
+            log.warning("stored optimizer state does not fit the model; starting fresh")
+            return False
+        restored.setdefault(p, {})[name] = value.to(p.device)
+    for p, values in restored.items():
+        optimizer.state[p] = values
+    return True
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Decode the downlink, train on this node's partition, reply with the encoded update."""
+    config, _ = from_flower_config(dict(context.run_config))
+    partition_id, num_partitions = node_partition(context)
+    round_index = int(msg.content.config_records[CONFIG_RECORD]["round"])
+    lr = float(msg.content.config_records[CONFIG_RECORD]["lr"])
+    data, x, y = _client_data(config, partition_id, num_partitions)
+
+    policy = config.policy()
+    model = build_run_model(config, data)
+    expect = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    full_precision = full_precision_names(model)
+    start = codec.decode(from_record(msg.content.array_records[PAYLOAD_RECORD]), expect=expect)
+    trainer = LocalTrainer(
+        model, policy, optimizer=config.optimizer, lr=lr, example_input=data.train_x[: config.batch_size],
+        compile=config.compile == "on", device=config.device,
+    )
+    restored = config.client_state != "none" and load_optimizer_state(trainer.inner, context.state)
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, round_index, partition_id))
+    result = trainer.train(start, x, y, epochs=config.epochs, batch_size=config.batch_size, generator=generator)
+    if config.client_state != "none":
+        save_optimizer_state(trainer.inner, context.state)
+    up = codec.encode(result.state, policy.uplink, full_precision=full_precision, compress=config.compress)
+    metrics = MetricRecord(
+        {
+            "num-samples": int(result.num_samples),
+            "train-loss": float(result.loss),
+            "partition-id": partition_id,
+            "state-restored": int(restored),
+        }
+    )
+    return Message(RecordDict({PAYLOAD_RECORD: to_record(up), METRICS_RECORD: metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report this node's partition (the server samples partitions like the simulator samples clients)."""
+    partition_id, num_partitions = node_partition(context)
+    metrics = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
+
+
+__all__ = ["app", "load_optimizer_state", "node_partition", "save_optimizer_state", "train", "query"]

@@ -1,0 +1,43 @@
+"""Codec payloads inside Flower records: the bytes of :mod:`lptfl.codec` as one uint8 array.
+
+The array travels as Flower's numpy ``Array`` (``np.save`` with ``allow_pickle=False``), so
+what crosses the wire is never unpickled; its dtype, rank and size are checked before the
+data are read, and the bytes are then decoded and validated by :func:`lptfl.codec.decode`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from lptfl.codec import PayloadError
+
+PAYLOAD_RECORD = "payload"
+PAYLOAD_KEY = "bytes"
+
+
+def to_record(payload: bytes) -> ArrayRecord:
+    """An ``ArrayRecord`` holding ``payload`` as a 1-D uint8 array."""
+    return ArrayRecord({PAYLOAD_KEY: Array(np.frombuffer(payload, dtype=np.uint8).copy())})
+
+
+def from_record(record: ArrayRecord, *, max_bytes: int = 1 << 30) -> bytes:
+    """The payload bytes of a record made by :func:`to_record`.
+
+    Raises:
+        PayloadError: the record does not hold exactly one 1-D uint8 array of at most ``max_bytes``.
+    """
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != [PAYLOAD_KEY]:
+        raise PayloadError(f"expected an ArrayRecord with the single key {PAYLOAD_KEY!r}")
+    array = record[PAYLOAD_KEY]
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise PayloadError(f"payload must be a 1-D uint8 array, got dtype {array.dtype} shape {tuple(array.shape)}")
+    if array.shape[0] > max_bytes:
+        raise PayloadError(f"payload of {array.shape[0]} bytes exceeds the limit of {max_bytes}")
+    try:
+        data = array.numpy()
+    except Exception as err:  # a malformed .npy blob
+        raise PayloadError(f"unreadable payload array: {err}") from err
+    if data.dtype != np.uint8 or data.ndim != 1:
+        raise PayloadError("payload array does not match its declared dtype/shape")
+    return data.tobytes()

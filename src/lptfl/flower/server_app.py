@@ -1,0 +1,149 @@
+"""The Flower ``ServerApp``: LPT-FL rounds over a Flower federation.
+
+The same objects as the in-process simulator (:mod:`lptfl.sim.engine`): the model and its
+initialisation (``build_run_model``), the precision policy (``RunConfig.policy()``), the
+aggregation server (:class:`lptfl.fl.Server`), client sampling (``sample_clients``, over the
+SuperNodes' partition ids), the learning-rate schedule, central evaluation (``evaluate``)
+and the result files (:mod:`lptfl.sim.results`). Byte counts are the lengths of the payloads
+that were actually sent and received.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from lptfl.data import load_dataset
+from lptfl.fl import Server, ServerConfig, evaluate, full_precision_names
+from lptfl.flower.config import FlowerOptions, from_flower_config
+from lptfl.flower.metrics import FlowerRoundMetrics
+from lptfl.flower.strategy import METRICS_RECORD, QUERY, RoundDriver, exchange
+from lptfl.sim.config import RunConfig
+from lptfl.sim.engine import build_run_model, learning_rate, sample_clients
+from lptfl.sim.results import METRICS, SUMMARY, append_metrics, read_metrics, summarize, write_summary
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    """Node ids once at least ``count`` SuperNodes are connected (RuntimeError after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout if timeout else None
+    while True:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if deadline is not None and time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {count} SuperNodes connected after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def discover_partitions(grid: Grid, nodes: list[int], timeout: float | None) -> tuple[dict[int, int], int]:
+    """Ask each node for its ``partition-id``: ``({partition: node}, num_partitions)``."""
+    messages = [Message(content=RecordDict(), dst_node_id=n, message_type=QUERY) for n in nodes]
+    replies = exchange(grid, messages, timeout=timeout)
+    mapping: dict[int, int] = {}
+    num_partitions = 0
+    for m in messages:
+        reply = replies.get(m.metadata.message_id)
+        if reply is None or reply.has_error():
+            log.warning("node %s did not report its partition; it will not be sampled", m.metadata.dst_node_id)
+            continue
+        metrics = reply.content.metric_records[METRICS_RECORD]
+        mapping[int(metrics["partition-id"])] = m.metadata.dst_node_id
+        num_partitions = max(num_partitions, int(metrics["num-partitions"]))
+    return mapping, num_partitions
+
+
+def server_config(config: RunConfig, policy) -> ServerConfig:
+    """The aggregation settings of ``config`` (as the simulator builds them)."""
+    return ServerConfig(
+        moving_average=config.moving_average, moving_weight=config.moving_weight,
+        ma_start=config.ma_start, weighting=config.aggregation_weighting,
+        downlink=policy.downlink, uplink=policy.uplink,
+        min_clients=config.min_clients, max_update_norm=config.max_update_norm or None,
+        robust=config.robust, trim_fraction=config.trim_fraction,
+    )
+
+
+class FlowerRun:
+    """Everything the ServerApp holds for one run (model, server, evaluation set, output)."""
+
+    def __init__(self, config: RunConfig, options: FlowerOptions) -> None:
+        self.config, self.options = config, options
+        self.data = load_dataset(config.dataset, config.data_path, download=config.download)
+        self.policy = config.policy()
+        model = build_run_model(config, self.data)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        self.full_precision = full_precision_names(model)
+        self.device = torch.device(config.device)
+        self.eval_model = model.to(self.device)
+        self.policy.prepare_model(self.eval_model, self.data.train_x[: config.batch_size].to(self.device))
+        self.server = Server(initial, server_config(config, self.policy), full_precision=self.full_precision)
+        self.driver = RoundDriver(self.server, round_timeout=options.round_timeout)
+        self.out_dir = Path(options.out_dir) if options.out_dir else None
+        self.wall_time_s = 0.0
+
+    def run(self, grid: Grid) -> dict | None:
+        cfg, options = self.config, self.options
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for name in (METRICS, SUMMARY):
+                if (self.out_dir / name).exists():
+                    log.warning("replacing %s from an earlier run", self.out_dir / name)
+                    (self.out_dir / name).unlink()
+        nodes = wait_for_nodes(grid, options.min_nodes, options.wait_nodes_timeout)
+        partitions: dict[int, int] | None = None
+        if cfg.frac < 1.0:  # sample partitions exactly as the simulator samples clients
+            partitions, num_partitions = discover_partitions(grid, nodes, options.round_timeout or None)
+        for round_index in range(1, cfg.c_rounds + 1):
+            started = time.perf_counter()
+            if partitions is None:
+                picked = sorted(int(n) for n in grid.get_node_ids())
+            else:
+                wanted = sample_clients(num_partitions, cfg.frac, cfg.seed, round_index)
+                picked = [partitions[p] for p in wanted if p in partitions]
+            lr = learning_rate(cfg.lr, cfg.lr_schedule, round_index, cfg.c_rounds)
+            outcome = self.driver.run_round(grid, picked, round_index, lr)
+            self.eval_model.load_state_dict(self.server.served_state())
+            test_loss, test_acc = evaluate(
+                self.eval_model, self.data.test_x, self.data.test_y, batch_size=cfg.test_batch_size
+            )
+            elapsed = time.perf_counter() - started
+            self.wall_time_s += elapsed
+            metrics = FlowerRoundMetrics(
+                round=round_index, train_loss=outcome.train_loss, test_accuracy=test_acc, test_loss=test_loss,
+                bytes_up=sum(outcome.bytes_up), bytes_down=outcome.bytes_down_per_client * outcome.sent,
+                bytes_up_per_client=outcome.bytes_up, bytes_down_per_client=outcome.bytes_down_per_client,
+                clients=outcome.clients, accepted=outcome.accepted, rejected=outcome.rejected, lr=lr,
+                round_time_s=elapsed, wall_time_s=self.wall_time_s, rejected_reasons=outcome.reasons,
+                failed=len(outcome.failed_nodes), failed_clients=outcome.failed_nodes,
+                rejected_norm=outcome.rejected_norm, skipped=outcome.skipped,
+                errors=outcome.errors, missing=outcome.missing, nodes=list(picked), state_restored=outcome.restored,
+            )
+            log.info(
+                "round %d: accuracy %.4f, %d/%d updates accepted%s, %.1f s",
+                round_index, test_acc, outcome.accepted, outcome.sent, " (skipped)" if outcome.skipped else "", elapsed,
+            )
+            if self.out_dir is not None:
+                append_metrics(self.out_dir, metrics)
+        if self.out_dir is None:
+            return None
+        summary = summarize(cfg, read_metrics(self.out_dir), wall_time_s=self.wall_time_s)
+        summary["driver"] = "flower"
+        write_summary(self.out_dir, summary)
+        return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point of the ServerApp (component ``lptfl.flower.server_app:app``)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config, options = from_flower_config(dict(context.run_config))
+    FlowerRun(config, options).run(grid)

@@ -1,0 +1,238 @@
+"""The Flower apps without a federation: config mapping, payload records, the server's round
+driver over an in-process Grid that runs the real ClientApp handler, and bad uplinks."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from lptfl.codec import PayloadError  # noqa: E402
+from lptfl.flower import client_app  # noqa: E402
+from lptfl.flower.config import FlowerOptions, default_app_config, from_flower_config, to_flower_config  # noqa: E402
+from lptfl.flower.payload import from_record, to_record  # noqa: E402
+from lptfl.flower.server_app import FlowerRun  # noqa: E402
+from lptfl.flower.strategy import RoundDriver, RoundOutcome  # noqa: E402
+from lptfl.sim.config import RunConfig  # noqa: E402
+from lptfl.sim.results import read_metrics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages created outside a Flower process need a task identity."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def small_config(**overrides) -> RunConfig:
+    values = dict(dataset="digits", model_width=8, c_rounds=2, num_clients=2, frac=1.0, batch_size=128, compile="off")
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+# -- config -------------------------------------------------------------------------------------
+def test_flower_config_round_trip_and_spellings():
+    config = small_config(use_quantization=True, quantization_bits=6, moving_average=True)
+    options = FlowerOptions(out_dir="/tmp/x", min_nodes=3)
+    back, back_options = from_flower_config(to_flower_config(config, options))
+    assert back == config and back_options == options
+    # underscores accepted; Flower's scalar types coerced to the field types
+    back, _ = from_flower_config({"c_rounds": 4.0, "use-quantization": "true", "lr": 1})
+    assert back.c_rounds == 4 and back.use_quantization is True and back.lr == 1.0
+    with pytest.raises(ValueError, match="unknown run-config keys"):
+        from_flower_config({"c-round": 3})
+    with pytest.raises(ValueError):
+        from_flower_config({"frac": 2.0})
+
+
+def test_pyproject_app_config_lists_every_key():
+    """Flower rejects override keys missing from [tool.flwr.app.config]."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    app = project["tool"]["flwr"]["app"]
+    assert app["components"] == {
+        "serverapp": "lptfl.flower.server_app:app", "clientapp": "lptfl.flower.client_app:app",
+    }
+    assert set(app["config"]) == set(default_app_config()), "sync [tool.flwr.app.config] with RunConfig"
+    from_flower_config(app["config"])  # valid defaults
+    assert "flwr[simulation]>=1.42,<1.43" in project["project"]["optional-dependencies"]["flower"]
+
+
+# -- payload records ----------------------------------------------------------------------------
+def test_payload_record_is_bit_exact_and_strict():
+    payload = bytes(range(256)) * 3
+    assert from_record(to_record(payload)) == payload
+    with pytest.raises(PayloadError):
+        from_record(ArrayRecord({"bytes": Array(np.zeros(4, np.float32))}))
+    with pytest.raises(PayloadError):
+        from_record(ArrayRecord({"bytes": Array(np.zeros((2, 2), np.uint8))}))
+    with pytest.raises(PayloadError):
+        from_record(ArrayRecord({"other": Array(np.zeros(4, np.uint8))}))
+    with pytest.raises(PayloadError, match="exceeds"):
+        from_record(to_record(b"x" * 100), max_bytes=10)
+
+
+# -- an in-process Grid: the real ClientApp handlers, no processes --------------------------------
+class InProcessGrid(Grid):
+    """Delivers each message to the ClientApp handler of a simulated node, in this process.
+
+    ``tamper`` maps a node id to a function ``(message) -> reply`` that replaces its ClientApp
+    (a faulty client).
+    """
+
+    def __init__(self, config: RunConfig, nodes: int, tamper=None) -> None:
+        self.run_config = to_flower_config(config)
+        self.contexts = {
+            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": nodes},
+                             state=RecordDict(), run_config=self.run_config)
+            for i in range(nodes)
+        }
+        self.tamper = tamper or {}
+        self.pending: dict[str, Message] = {}
+        self.sent: list[Message] = []
+
+    def set_run(self, run_id):  # pragma: no cover - not used
+        pass
+
+    @property
+    def run(self):  # pragma: no cover - not used
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # pragma: no cover
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            node = msg.metadata.dst_node_id
+            handler = client_app.train if msg.metadata.message_type == "train" else client_app.query
+            reply = self.tamper[node](msg) if node in self.tamper else handler(msg, self.contexts[node])
+            self.sent.append(msg)
+            self.pending[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
+
+    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover - not used
+        return self.pull_messages(self.push_messages(messages))
+
+
+def garbage_payload(msg: Message) -> Message:
+    content = RecordDict({
+        "payload": to_record(b"\x00garbage" * 50),
+        "metrics": MetricRecord({"num-samples": 10, "train-loss": 1.0, "partition-id": 1}),
+    })
+    return Message(content, reply_to=msg)
+
+
+def test_rounds_in_process_match_metrics_format_and_skip_garbage(tmp_path):
+    """A round through FlowerRun + the real ClientApp handler; node 101 sends garbage: it is
+    logged, counted as rejected and skipped; the others' updates are aggregated."""
+    config = small_config(c_rounds=1)
+    grid = InProcessGrid(config, nodes=3, tamper={101: garbage_payload})
+    run = FlowerRun(config, FlowerOptions(out_dir=str(tmp_path), min_nodes=3))
+    summary = run.run(grid)
+    rounds = read_metrics(tmp_path)
+    assert [r["round"] for r in rounds] == [1]
+    for r in rounds:
+        assert r["accepted"] == 2 and r["rejected"] == 1
+        assert r["clients"] == [0, 2]
+        assert any("node 101" in reason or "client 1" in reason for reason in r["rejected_reasons"])
+        assert len(r["bytes_up_per_client"]) == 3 and r["bytes_down"] == 3 * r["bytes_down_per_client"] > 0
+        assert not r["skipped"]
+    assert summary["rejected_updates_total"] == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 1
+    # the optimizer state of each client survived between rounds in its node's Context.state
+    assert all(client_app.OPTIMIZER_STATE in grid.contexts[n].state for n in (100, 102))
+
+
+def test_too_few_good_replies_keep_the_old_model(tmp_path):
+    """With --min_clients 2 and one of two nodes failing, the server skips the round."""
+    config = small_config(c_rounds=1, min_clients=2)
+
+    def error_reply(msg):
+        from flwr.app import Error
+
+        return Message(Error(code=2, reason="ClientApp exception"), reply_to=msg)
+
+    grid = InProcessGrid(config, nodes=2, tamper={101: error_reply})
+    run = FlowerRun(config, FlowerOptions(out_dir=str(tmp_path), min_nodes=2))
+    before = {k: v.clone() for k, v in run.server.served_state().items()}
+    run.run(grid)
+    (r,) = read_metrics(tmp_path)
+    assert r["skipped"] and r["accepted"] == 1 and r["errors"] == 1 and r["failed"] == 1
+    assert r["failed_clients"] == [101]
+    after = run.server.served_state()
+    assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
+
+
+def test_driver_rejects_malformed_replies_without_touching_the_model():
+    """The strategy path directly: garbage bytes, a wrong array, missing metrics, no reply."""
+    config = small_config()
+    grid = InProcessGrid(config, nodes=1)
+    run = FlowerRun(config, FlowerOptions())
+    driver: RoundDriver = run.driver
+    messages, down_len = driver.train_messages([100, 101, 102, 103], 1, 1e-3)
+    for m in messages:
+        m.metadata.__dict__["_message_id"] = m.object_id
+    bad = [
+        RecordDict({"payload": to_record(b"\x01" * 64),
+                    "metrics": MetricRecord({"num-samples": 5, "train-loss": 1.0, "partition-id": 0})}),
+        RecordDict({"payload": ArrayRecord({"bytes": Array(np.zeros(8, np.float64))}),
+                    "metrics": MetricRecord({"num-samples": 5, "train-loss": 1.0, "partition-id": 1})}),
+        RecordDict({"payload": to_record(b"\x01" * 64), "config": ConfigRecord({"x": 1})}),
+    ]
+    replies = {m.metadata.message_id: Message(c, reply_to=m) for m, c in zip(messages[:3], bad)}
+    before = {k: v.clone() for k, v in run.server.served_state().items()}
+    outcome = RoundOutcome(round=1, sent=4, bytes_down_per_client=down_len)
+    outcome = driver.aggregate(outcome, {m.metadata.message_id: m.metadata.dst_node_id for m in messages}, replies)
+    assert outcome.accepted == 0 and outcome.rejected == 3 and outcome.missing == 1 and outcome.skipped
+    assert run.server.round == 1
+    after = run.server.served_state()
+    assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
+    assert grid  # unused: the replies were built by hand
+
+
+@pytest.mark.parametrize("low_precision", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fp32", "8bit-ma"])
+def test_parity_with_the_simulator(tmp_path, low_precision):
+    """Same config, same seeds: the Flower driver (in-process grid) reproduces ``lptfl run``'s
+    rounds: sampled clients, accuracy, losses and payload bytes. The fp32 case samples 2 of 3
+    clients per round (``--frac`` < 1: the server asks the nodes for their partitions)."""
+    from lptfl.sim.engine import Simulation
+
+    if low_precision and os.environ.get("LPTFL_FLOWER_FULL") != "1":
+        pytest.skip("eager low-precision training is slow on a small CPU; set LPTFL_FLOWER_FULL=1")
+    extra = dict(use_quantization=True, quantization_bits=8, moving_average=True) if low_precision else {}
+    nodes, frac = (2, 1.0) if low_precision else (3, 0.67)
+    config = small_config(c_rounds=2, num_clients=nodes, frac=frac, **extra)
+    sim = Simulation(config)
+    expected = [sim.run_round() for _ in range(config.c_rounds)]
+    FlowerRun(config, FlowerOptions(out_dir=str(tmp_path), min_nodes=nodes)).run(InProcessGrid(config, nodes=nodes))
+    got = read_metrics(tmp_path)
+    for want, have in zip(expected, got, strict=True):
+        assert have["clients"] == want.clients
+        assert have["state_restored"] == (0 if want.round == 1 else len(set(want.clients) & set(expected[0].clients)))
+        assert have["bytes_up_per_client"] == want.bytes_up_per_client
+        assert have["bytes_down"] == want.bytes_down
+        assert have["test_accuracy"] == pytest.approx(want.test_accuracy, abs=1e-9)
+        assert have["test_loss"] == pytest.approx(want.test_loss, rel=1e-5)
+        assert have["train_loss"] == pytest.approx(want.train_loss, rel=1e-5)

@@ -1,0 +1,185 @@
+"""Crash-safe checkpoints and exact resume (SIGKILL, SIGTERM, refused config changes)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lptfl.cli import main
+from lptfl.sim import checkpoint as ckpt
+from lptfl.sim import runner
+from lptfl.sim.config import RunConfig
+from lptfl.sim.runner import OutputExistsError, prepare_output, run_experiment
+
+ARGS = ["--compile", "off", "--model_width", "8", "--c_rounds", "4", "--num_clients", "4", "--frac", "0.5",
+        "--quiet"]
+TIMINGS = ("round_time_s", "wall_time_s")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # 2 shared cores: no thread oversubscription
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "-m", "lptfl", "run", *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def complete_lines(path):
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for_lines(path, n, process, timeout=240):
+    deadline = time.monotonic() + timeout
+    while complete_lines(path) < n:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} did not reach {n} lines"
+        time.sleep(0.02)
+
+
+def rounds_without_timings(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in TIMINGS} for line in lines]
+
+
+def assert_same_final_state(a, b):
+    left, right = ckpt.load_checkpoint(a), ckpt.load_checkpoint(b)
+    assert left.round == right.round
+    for name, value in left.global_state.items():
+        assert torch.equal(value, right.global_state[name]), name
+    assert (left.average_state is None) == (right.average_state is None)
+    for name, value in (left.average_state or {}).items():
+        assert torch.equal(value, right.average_state[name]), name
+    assert sorted(left.client_memory) == sorted(right.client_memory)
+    for client, (flat, steps) in left.client_memory.items():
+        assert (flat == right.client_memory[client][0]).all() and (steps == right.client_memory[client][1]).all()
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """CLI subprocesses: one SIGKILLed after round 2's line, one SIGTERMed after round 1's (run together);
+    then the uninterrupted reference, in this process (it has torch imported already)."""
+    base = tmp_path_factory.mktemp("runs")
+    dirs = {name: base / name for name in ("reference", "killed", "terminated")}
+    procs = {name: start(*ARGS, "--out", str(dirs[name])) for name in ("killed", "terminated")}
+    wait_for_lines(dirs["terminated"] / "metrics.jsonl", 1, procs["terminated"])
+    procs["terminated"].send_signal(signal.SIGTERM)
+    wait_for_lines(dirs["killed"] / "metrics.jsonl", 2, procs["killed"])
+    procs["killed"].kill()
+    results = {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
+    assert results["killed"][0] == -signal.SIGKILL
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["run", *ARGS, "--out", str(dirs["reference"])]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return dirs, results
+
+
+def test_sigkilled_run_resumes_to_the_same_metrics_and_model(interrupted):
+    dirs, _ = interrupted
+    assert not (dirs["killed"] / "summary.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "lptfl", "run", "--resume", str(dirs["killed"]), "--quiet"],
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr  # a fresh process: nothing carried over in memory
+    assert rounds_without_timings(dirs["killed"]) == rounds_without_timings(dirs["reference"])
+    assert_same_final_state(dirs["killed"], dirs["reference"])
+    summary = json.loads((dirs["killed"] / "summary.json").read_text())
+    assert summary["rounds"] == 4
+
+
+def test_sigterm_finishes_the_round_checkpoints_and_resumes_exactly(interrupted):
+    dirs, results = interrupted
+    rc, _, stderr = results["terminated"]
+    assert rc == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM" in stderr and "--resume" in stderr
+    lines = complete_lines(dirs["terminated"] / "metrics.jsonl")
+    saved = ckpt.load_checkpoint(dirs["terminated"])
+    assert 1 <= lines < 4 and saved.round == saved.metrics_lines == lines
+    assert (dirs["terminated"] / "metrics.jsonl").read_bytes().endswith(b"\n")
+    assert main(["run", "--resume", str(dirs["terminated"]), "--quiet"]) == 0  # in-process this time
+    assert rounds_without_timings(dirs["terminated"]) == rounds_without_timings(dirs["reference"])
+    assert_same_final_state(dirs["terminated"], dirs["reference"])
+
+
+def test_crash_between_metrics_and_checkpoint_reruns_the_round(tmp_path, monkeypatch):
+    """Round 2's line is written, its checkpoint is not, and a half line follows: resume cuts both
+    and runs round 2 again; the disk client-state store is rolled back to its snapshot."""
+    options = dict(compile="off", model_width=4, num_clients=3, frac=1.0, c_rounds=2, moving_average=True)
+    run_experiment(RunConfig(**options), tmp_path / "reference", progress=False)
+    crashed = tmp_path / "crashed"
+    real_save = ckpt.save_checkpoint
+
+    def save_then_crash(out_dir, sim, *, metrics_lines):
+        if sim.round == 2:
+            with open(out_dir / "metrics.jsonl", "ab") as handle:
+                handle.write(b'{"round": 3, "trai')
+            raise SystemExit("simulated crash")
+        return real_save(out_dir, sim, metrics_lines=metrics_lines)
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_crash)
+    with pytest.raises(SystemExit):
+        run_experiment(RunConfig(client_state="disk", **options), crashed, progress=False)
+    assert complete_lines(crashed / "metrics.jsonl") == 2
+    assert ckpt.load_checkpoint(crashed).round == 1
+    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    config = ckpt.resume_config(crashed, {})
+    assert config.client_state == "disk"
+    run_experiment(config, crashed, progress=False, resume=True)
+    assert rounds_without_timings(crashed) == rounds_without_timings(tmp_path / "reference")
+    final, reference = ckpt.load_checkpoint(crashed), ckpt.load_checkpoint(tmp_path / "reference")
+    for name, value in reference.global_state.items():
+        assert torch.equal(final.global_state[name], value)
+        assert torch.equal(final.average_state[name], reference.average_state[name])
+    assert final.client_mode == "disk" and final.clients == sorted(reference.client_memory)
+    snapshots = list(crashed.glob(ckpt.SNAPSHOT_PREFIX + "*"))
+    assert len(snapshots) == 1 and snapshots[0].name == final.snapshot
+
+
+def test_resume_refuses_changed_settings(tmp_path, capsys):
+    ckpt.write_config(tmp_path, RunConfig(c_rounds=4, seed=3))
+    assert main(["run", "--resume", str(tmp_path), "--c_rounds", "9", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to resume" in err and "--c_rounds 4 -> 9" in err and "--seed" not in err
+    allowed = ckpt.resume_config(tmp_path, {"checkpoint_every": 3, "compile": "off", "seed": 3})
+    assert allowed.c_rounds == 4 and allowed.checkpoint_every == 3 and allowed.compile == "off"
+    with pytest.raises(ckpt.CheckpointError, match="dropout"):
+        ckpt.resume_config(tmp_path, {"dropout": 0.2})
+    assert main(["run", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_a_started_run_is_not_overwritten_silently(tmp_path):
+    ckpt.write_config(tmp_path, RunConfig())
+    with pytest.raises(OutputExistsError, match="--resume"):
+        prepare_output(tmp_path, overwrite=False)
+    prepare_output(tmp_path, overwrite=True)
+    assert not (tmp_path / ckpt.CONFIG).exists()
+
+
+def test_checkpoint_files_are_safe_and_atomic(tmp_path):
+    ckpt.atomic_write(tmp_path / "x.bin", b"old")
+    ckpt.atomic_write(tmp_path / "x.bin", b"new")
+    assert (tmp_path / "x.bin").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+    (tmp_path / ckpt.CHECKPOINT).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load_checkpoint(tmp_path)
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"round": 1}\n{"round": 2}\n{"rou')
+    ckpt.truncate_metrics(tmp_path, 1)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == b'{"round": 1}\n'
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.truncate_metrics(tmp_path, 3)
