@@ -183,3 +183,27 @@ def test_checkpoint_files_are_safe_and_atomic(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_bytes() == b'{"round": 1}\n'
     with pytest.raises(ckpt.CheckpointError):
         ckpt.truncate_metrics(tmp_path, 3)
+
+
+def test_algorithm_state_survives_a_checkpoint(tmp_path):
+    """Server-optimizer momentum and FedBN's per-client state are part of the checkpoint."""
+    from lptfl.sim.checkpoint import load_checkpoint, restore_simulation, save_checkpoint
+    from lptfl.sim.config import RunConfig
+    from lptfl.sim.engine import Simulation
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = RunConfig(c_rounds=2, compile="off", model_width=8, num_clients=3, frac=1.0,
+                           server_optimizer="fedavgm", server_momentum=0.9)
+        straight = Simulation(config)
+        straight.run_round()
+        save_checkpoint(tmp_path, straight, metrics_lines=1)
+        straight.run_round()
+        resumed = Simulation(config)
+        restore_simulation(resumed, load_checkpoint(tmp_path))
+        resumed.run_round()
+        for name, value in straight.server.global_state.items():
+            assert torch.equal(value, resumed.server.global_state[name]), name
+    finally:
+        torch.set_num_threads(threads)

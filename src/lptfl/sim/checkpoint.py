@@ -159,6 +159,7 @@ class Checkpoint:
     clients: list[int] = field(default_factory=list)
     client_memory: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     snapshot: str | None = None
+    algorithm_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _store_mode(sim: "Simulation") -> str:
@@ -193,6 +194,8 @@ def save_checkpoint(out_dir: Path, sim: "Simulation", *, metrics_lines: int) -> 
     if server.average_state is not None:
         for name, value in server.average_state.items():
             tensors[f"average.{name}"] = value.detach().cpu().contiguous().clone()
+    for name, value in sim.algorithm.state_dict().items():  # FedBN local state, server optimizer
+        tensors[f"algorithm.{name}"] = value.detach().cpu().contiguous().clone()
     mode = _store_mode(sim)
     names, clients, snapshot = None, [], None
     if store is not None:
@@ -252,10 +255,12 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         raise CheckpointError(f"{path} is damaged: {err}") from err
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} v{meta.get('version')}")
-    global_state, average, memory = {}, {}, {}
+    global_state, average, memory, algorithm = {}, {}, {}, {}
     for key, value in tensors.items():
         kind, _, rest = key.partition(".")
-        if kind == "global":
+        if kind == "algorithm":
+            algorithm[rest] = value
+        elif kind == "global":
             global_state[rest] = value
         elif kind == "average":
             average[rest] = value
@@ -279,6 +284,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         clients=[int(c) for c in meta["clients"]],
         client_memory=memory,
         snapshot=meta.get("snapshot"),
+        algorithm_state=algorithm,
     )
 
 
@@ -326,6 +332,7 @@ def restore_simulation(sim: "Simulation", checkpoint: Checkpoint | None) -> None
     )
     server.round = checkpoint.round
     sim.wall_time_s = checkpoint.wall_time_s
+    sim.algorithm.load_state_dict(checkpoint.algorithm_state)
     if store is not None:
         store.restore(checkpoint.client_names, checkpoint.client_memory)
         if store.directory is not None:
