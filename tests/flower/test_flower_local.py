@@ -134,7 +134,7 @@ def test_interrupt_stops_every_process(tmp_path: Path, sig: str):
         time.sleep(2)
         assert flower_pids() - before, "no flower process was running"
         proc.send_signal(getattr(signal, sig))
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=150)
     finally:
         if proc.poll() is None:
             proc.kill()
