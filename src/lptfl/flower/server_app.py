@@ -19,7 +19,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from lptfl.data import load_dataset
-from lptfl.fl import Server, ServerConfig, evaluate, full_precision_names
+from lptfl.fl import Server, evaluate, full_precision_names
 from lptfl.flower.config import FlowerOptions, from_flower_config
 from lptfl.flower.metrics import FlowerRoundMetrics
 from lptfl.flower.strategy import METRICS_RECORD, QUERY, RoundDriver, exchange
@@ -61,17 +61,6 @@ def discover_partitions(grid: Grid, nodes: list[int], timeout: float | None) -> 
     return mapping, num_partitions
 
 
-def server_config(config: RunConfig, policy) -> ServerConfig:
-    """The aggregation settings of ``config`` (as the simulator builds them)."""
-    return ServerConfig(
-        moving_average=config.moving_average, moving_weight=config.moving_weight,
-        ma_start=config.ma_start, weighting=config.aggregation_weighting,
-        downlink=policy.downlink, uplink=policy.uplink,
-        min_clients=config.min_clients, max_update_norm=config.max_update_norm or None,
-        robust=config.robust, trim_fraction=config.trim_fraction,
-    )
-
-
 class FlowerRun:
     """Everything the ServerApp holds for one run (model, server, evaluation set, output)."""
 
@@ -85,7 +74,7 @@ class FlowerRun:
         self.device = torch.device(config.device)
         self.eval_model = model.to(self.device)
         self.policy.prepare_model(self.eval_model, self.data.train_x[: config.batch_size].to(self.device))
-        self.server = Server(initial, server_config(config, self.policy), full_precision=self.full_precision)
+        self.server = Server(initial, config.server_config(), full_precision=self.full_precision)
         self.driver = RoundDriver(self.server, round_timeout=options.round_timeout)
         self.out_dir = Path(options.out_dir) if options.out_dir else None
         self.wall_time_s = 0.0

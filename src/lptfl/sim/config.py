@@ -6,9 +6,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
-from lptfl.data import DATASET_NAMES
+from lptfl.data import DATASET_NAMES, canonical_name
 from lptfl.fl.client import OPTIMIZERS
-from lptfl.fl.server import WEIGHTINGS
+from lptfl.fl.server import WEIGHTINGS, ServerConfig
 from lptfl.models import MODELS
 from lptfl.quant import PrecisionPolicy
 from lptfl.quant.format import LAYOUTS, ROUNDINGS, SMALL_BLOCKS
@@ -94,8 +94,10 @@ class RunConfig:
             if not ok:
                 raise ValueError(message)
 
-        need(self.dataset.lower() in {n.lower() for n in DATASET_NAMES} or self.dataset.lower().replace("-", "") in {"fashionmnist"},
-             f"--dataset {self.dataset!r} is unknown; expected one of {', '.join(DATASET_NAMES)}")
+        try:
+            canonical_name(self.dataset)
+        except ValueError:
+            need(False, f"--dataset {self.dataset!r} is unknown; expected one of {', '.join(DATASET_NAMES)}")
         need(self.model_name.lower() in {m.lower() for m in MODELS},
              f"--model_name {self.model_name!r} is unknown; expected one of {', '.join(MODELS)}")
         need(self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
@@ -159,6 +161,17 @@ class RunConfig:
             small_block=self.small_block,
             rounding=self.quant_type,
             compute=self.compute,
+        )
+
+    def server_config(self) -> ServerConfig:
+        """The server's aggregation settings under these flags (simulator and Flower alike)."""
+        policy = self.policy()
+        return ServerConfig(
+            moving_average=self.moving_average, moving_weight=self.moving_weight,
+            ma_start=self.ma_start, weighting=self.aggregation_weighting,
+            downlink=policy.downlink, uplink=policy.uplink,
+            min_clients=self.min_clients, max_update_norm=self.max_update_norm or None,
+            robust=self.robust, trim_fraction=self.trim_fraction,
         )
 
     def to_dict(self) -> dict:

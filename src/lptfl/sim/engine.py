@@ -20,7 +20,7 @@ import torch
 
 from lptfl import codec
 from lptfl.data import Dataset, dirichlet_partition, iid_partition, load_dataset, partition_summary
-from lptfl.fl import ClientStateStore, LocalTrainer, Server, ServerConfig, evaluate, full_precision_names
+from lptfl.fl import ClientStateStore, LocalTrainer, Server, evaluate, full_precision_names
 from lptfl.fl.algorithms import AlgorithmHooks, validation_split
 from lptfl.models import build_model
 from lptfl.quant.compiled import MaybeCompiled
@@ -152,13 +152,7 @@ class Simulation:
         self.eval_forward = MaybeCompiled(self.eval_model, enabled=compile_on)
         self.server = Server(
             initial,
-            ServerConfig(
-                moving_average=config.moving_average, moving_weight=config.moving_weight,
-                ma_start=config.ma_start, weighting=config.aggregation_weighting,
-                downlink=self.policy.downlink, uplink=self.policy.uplink,
-                min_clients=config.min_clients, max_update_norm=config.max_update_norm or None,
-                robust=config.robust, trim_fraction=config.trim_fraction,
-            ),
+            config.server_config(),
             full_precision=self.full_precision,
         )
         self.store = self._client_store(out_dir, model)
