@@ -208,8 +208,10 @@ def test_fedavgm_momentum_accumulates_and_adaptive_optimizers_move_toward_the_me
         dict(aggregation_mode="abavg", abavg_use_test_set=True),
         dict(server_optimizer="fedavgm"),
         dict(server_optimizer="fedadam", use_quantization=True, moving_average=True),
+        dict(aggregation_mode="fedgen"),
+        dict(aggregation_mode="fedtgp", fedftg_iterations=2, fedftg_batch_size=16),
     ],
-    ids=["fedprox", "fedbn", "abavg", "abavg-test", "fedavgm", "fedadam-8bit-ma"],
+    ids=["fedprox", "fedbn", "abavg", "abavg-test", "fedavgm", "fedadam-8bit-ma", "fedgen", "fedftg"],
 )
 def test_algorithms_run_end_to_end_on_digits(extra):
     config = RunConfig(c_rounds=2, alpha=1.0, lr=3e-3, **FAST, **extra)
@@ -225,7 +227,12 @@ def test_algorithms_run_end_to_end_on_digits(extra):
         assert metrics.vote_accuracy is not None and 0.0 <= metrics.vote_accuracy <= 1.0
         assert sim.server.local_names and set(sim.algorithm.bank.states) >= set(metrics.clients)
     saved = sim.algorithm.state_dict()  # what a checkpoint would keep
-    if config.aggregation_mode == "fedbn" or config.server_optimizer != "none":
+    if config.aggregation_mode == "fedgen":
+        assert metrics.bytes_down_per_client > len(sim.server.downlink())  # the generator travels too
+        assert sim.algorithm.fedgen.last_loss is not None
+    if config.aggregation_mode == "fedftg":
+        assert set(sim.algorithm.fedftg.last_losses) == {"generator", "distill"}
+    if config.aggregation_mode in ("fedbn", "fedgen", "fedftg") or config.server_optimizer != "none":
         assert saved
         before = {k: v.clone() for k, v in saved.items()}
         sim.algorithm.load_state_dict(saved)
@@ -236,9 +243,12 @@ def test_algorithms_run_end_to_end_on_digits(extra):
 
 
 def test_bad_algorithm_settings_are_rejected():
-    for bad in (dict(aggregation_mode="fedgen"), dict(server_optimizer="sgd"), dict(lambda_fedprox=-1.0),
+    for bad in (dict(aggregation_mode="fedsomething"), dict(fedgen_decay=0.0), dict(fedftg_lr=0.0),
+                dict(fedgen_batch_size=1), dict(fedftg_iterations=-1), dict(server_optimizer="sgd"), dict(lambda_fedprox=-1.0),
                 dict(abavg_val_fraction=1.0), dict(model_norm="weird")):
         with pytest.raises(ValueError):
             RunConfig(**bad).validate()
     assert RunConfig().fingerprint() == RunConfig(lambda_fedprox=0.01, server_optimizer="none").fingerprint()
     assert RunConfig().fingerprint() != RunConfig(aggregation_mode="fedprox").fingerprint()
+    assert RunConfig().fingerprint() == RunConfig(fedgen_alpha=0.1, fedftg_iterations=10).fingerprint()
+    assert RunConfig(aggregation_mode="fedtgp").aggregation_mode == "fedftg"

@@ -1,4 +1,6 @@
-"""FL algorithms compatible with the low-precision paradigm (REFERENCE §6): FedProx, FedBN, ABAvg.
+"""FL algorithms compatible with the low-precision paradigm (REFERENCE §6): FedProx, FedBN, ABAvg,
+and the simulator's hooks that also drive FedGen (:mod:`lptfl.fl.fedgen`) and FedFTG
+(:mod:`lptfl.fl.fedftg`).
 
 Each algorithm changes one side of a FedAvg round; the low-precision local training, the
 quantized wire format, the high-precision aggregation and the moving average stay as they are.
@@ -11,20 +13,37 @@ quantized wire format, the high-precision aggregation and the moving average sta
   its own batch norm, as the published code reports) is evaluated (:func:`vote_accuracy`).
 - ``abavg``: the server weights each client model by its accuracy on server-held validation
   data (:func:`validation_split` holds it out of the clients' partition pool by default).
+- ``fedgen``: a server-trained feature generator travels with the downlink and regularises
+  local training. Each update's label counts (``classes`` integers) go to the server with it;
+  they are not counted in ``bytes_up``.
+- ``fedftg`` (``fedtgp``): the server fine-tunes each aggregate by data-free distillation
+  from the round's client models (label counts as for FedGen).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from lptfl import codec
+from lptfl.fl.client import evaluate
+from lptfl.fl.ensemble import label_counts
+from lptfl.fl.fedftg import FedFTGServer
+from lptfl.fl.fedgen import FeatureGenerator, FedGenObjective, FedGenServer
+from lptfl.fl.server import full_precision_names
+from lptfl.fl.server_optim import ServerOptimizer
+
+log = logging.getLogger(__name__)
+
 State = dict[str, torch.Tensor]
 Regularizer = Callable[[nn.Module], torch.Tensor]
 
-AGGREGATION_MODES = ("fedavg", "fedprox", "fedbn", "abavg")
+AGGREGATION_MODES = ("fedavg", "fedprox", "fedbn", "abavg", "fedgen", "fedftg")
+MODE_ALIASES = {"fedtgp": "fedftg"}  # the published code's name
 MIN_ABAVG_WEIGHT = 1e-6  # a client whose model scores 0 still gets a (negligible) positive weight
 
 
@@ -190,8 +209,6 @@ def accuracy_scorer(
 ) -> Callable[[Mapping[str, torch.Tensor]], float]:
     """A server scorer for ABAvg: ``state -> aggregation weight`` = the accuracy of ``model``
     loaded with ``state`` (entries missing from it come from ``base``) on ``(x, y)``."""
-    from lptfl.fl.client import evaluate
-
     def score(state: Mapping[str, torch.Tensor]) -> float:
         full = dict(base) if base is not None else {}
         full.update(state)
@@ -213,12 +230,11 @@ class AlgorithmHooks:
 
     Args:
         sim: the simulation (``config``, ``server``, ``trainer``, ``eval_model``, ``eval_forward``,
-            ``data``, ``full_precision`` and, for ABAvg, ``val_x`` / ``val_y``).
+            ``data``, ``full_precision``, ``policy``, ``client_y``, ``device``, ``seed_for``,
+            ``make_fp32_model`` and, for ABAvg, ``val_x`` / ``val_y``).
     """
 
     def __init__(self, sim) -> None:
-        from lptfl.fl.server_optim import ServerOptimizer
-
         cfg = sim.config
         self.sim = sim
         self.mode = cfg.aggregation_mode
@@ -227,9 +243,7 @@ class AlgorithmHooks:
         if self.mode == "fedbn":
             names = batchnorm_names(sim.trainer.model)
             if not names:
-                import logging
-
-                logging.getLogger(__name__).warning(
+                log.warning(
                     "--aggregation_mode fedbn: the model has no batch-norm layer, so it runs as FedAvg "
                     "(use --model_name resnet8 or --model_norm batchnorm)")
             self.bank = LocalStateBank(names, server.global_state)
@@ -244,10 +258,62 @@ class AlgorithmHooks:
                 beta1=cfg.server_beta1, beta2=cfg.server_beta2, tau=cfg.server_tau)
         self.uplink_full_precision = [k for k in sim.full_precision if k not in server.local_names]
         self._participants: list[int] = []
+        self.objective: FedGenObjective | None = None
+        self.fedgen: FedGenServer | None = None
+        self.fedftg: FedFTGServer | None = None
+        self.extra_bytes_down = 0  # per client: FedGen's generator
+        self._accepted: list[tuple[State, torch.Tensor]] = []  # (decoded update, label counts)
+        if self.mode == "fedgen":
+            head = sim.trainer.model.classifier
+            settings = cfg.fedgen_config()
+            self.fedgen = FedGenServer(sim.data.num_classes, head.in_features, settings, seed=sim.seed_for(0xF6))
+            client_copy = FeatureGenerator(sim.data.num_classes, head.in_features,
+                                           noise_dim=settings.noise_dim, hidden=settings.hidden)
+            self.objective = FedGenObjective(client_copy.to(sim.device), settings.batch_size)
+            server.on_accept = self._accept
+        if self.mode == "fedftg":
+            self.fedftg = FedFTGServer(sim.make_fp32_model, sim.data.num_classes, sim.data.input_shape,
+                                       cfg.fedftg_config(), seed=sim.seed_for(0xF7))
+            server.on_accept = self._accept
+            server.refine = self._refine
+
+    def _accept(self, client: int | str, state: State, _num_samples: int) -> None:
+        counts = label_counts(self.sim.client_y[int(client)], self.sim.data.num_classes)
+        if self.fedgen is not None:
+            state = {k: v for k, v in state.items() if k.startswith("classifier.")}
+        self._accepted.append((state, counts))
+
+    def _refine(self, aggregate: State) -> State:
+        states = [{**aggregate, **state} for state, _ in self._accepted]
+        generator = torch.Generator().manual_seed(self.sim.seed_for(self.sim.server.round, 0xF7))
+        return self.fedftg.refine(aggregate, states, [c for _, c in self._accepted], generator)
+
+    def _send_generator(self, round_index: int) -> None:
+        """FedGen's downlink extra: the generator, encoded like the model; the clients' copy is
+        what they decode."""
+        generator = self.fedgen.generator
+        payload = codec.encode(generator.state_dict(), self.sim.policy.downlink,
+                               full_precision=full_precision_names(generator))
+        self.extra_bytes_down = len(payload)
+        self.objective.generator.load_state_dict(codec.decode(payload))
+        self.objective.generator.eval()
+        alpha, beta = self.fedgen.coefficients(round_index)
+        self.objective.set_round(alpha, beta, self.fedgen.labels)
+
+    def end_round(self) -> None:
+        """Called after the server aggregated: FedGen trains its generator on the round's heads."""
+        if self.fedgen is not None and self._accepted:
+            heads = [(s["classifier.weight"], s["classifier.bias"]) for s, _ in self._accepted]
+            generator = torch.Generator().manual_seed(self.sim.seed_for(self.sim.server.round, 0xF6))
+            self.fedgen.train(heads, [c for _, c in self._accepted], generator)
+        self._accepted = []
 
     def begin_round(self, start_state: Mapping[str, torch.Tensor]) -> Regularizer | None:
         """Called once per round with the decoded downlink; returns the local-loss regularizer."""
         self._participants = []
+        self._accepted = []
+        if self.fedgen is not None:
+            self._send_generator(self.sim.server.round + 1)
         if self.mode == "fedprox":
             return proximal_regularizer(self.sim.trainer.model, start_state, self.sim.config.lambda_fedprox)
         return None
@@ -280,6 +346,10 @@ class AlgorithmHooks:
             for client, state in self.bank.state_dict().items():
                 for name, value in state.items():
                     out[f"bn.{client}.{name}"] = value
+        if self.fedgen is not None:
+            out.update(self.fedgen.state_dict())
+        if self.fedftg is not None:
+            out.update(self.fedftg.state_dict())
         optimizer = self.sim.server.optimizer
         if optimizer is not None:
             state = optimizer.state_dict()
@@ -298,6 +368,10 @@ class AlgorithmHooks:
                     client, name = key[3:].split(".", 1)
                     states.setdefault(int(client), {})[name] = value
             self.bank.load_state_dict(states)
+        if self.fedgen is not None:
+            self.fedgen.load_state_dict(tensors)
+        if self.fedftg is not None:
+            self.fedftg.load_state_dict(tensors)
         optimizer = self.sim.server.optimizer
         if optimizer is not None and "server_opt.steps" in tensors:
             state: dict = {"steps": int(tensors["server_opt.steps"]), "m": {}, "v": {}}

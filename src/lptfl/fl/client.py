@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,20 @@ from lptfl.quant.compiled import MaybeCompiled
 OPTIMIZERS = ("adam", "sgd")
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
+
+
+class LocalObjective(Protocol):
+    """Extra terms of the local loss that need more than the model (e.g. FedGen's generated
+    features). Keep one object per run: the compiled step is specialised to it.
+
+    ``inputs`` runs outside the compiled step (no gradient) and returns tensors that are
+    passed on to ``extra_loss``, which runs inside it and returns a scalar added to the loss.
+    """
+
+    def inputs(self, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]: ...
+
+    def extra_loss(self, model: nn.Module, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                   *inputs: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -82,6 +97,7 @@ class LocalTrainer:
         self.optimizer = policy.wrap_optimizer(self.inner, compile=compile)
         self._forward_backward = MaybeCompiled(self._loss_and_backward, enabled=compile)
         self.compiled = compile
+        self.objective: LocalObjective | None = None
         # Per-sample models (no batch norm) pad a short last batch to full size with zero-weight
         # copies of its own samples: identical loss, gradients and activation maxima, one graph.
         self._pad_short_batches = compile and not any(
@@ -92,22 +108,31 @@ class LocalTrainer:
         for group in self.inner.param_groups:
             group["lr"] = lr
 
-    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        losses = F.cross_entropy(self.model(x), y, reduction="none")
+    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        losses = F.cross_entropy(logits, y, reduction="none")
         loss = (losses * weight).sum() / weight.sum()
-        loss.backward()
+        total = loss
+        if self.objective is not None:
+            total = loss + self.objective.extra_loss(self.model, logits, y, weight, *extra)
+        total.backward()
         return loss.detach()
 
-    def _step_loss(self, x: torch.Tensor, y: torch.Tensor, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Forward + backward of one mini-batch; returns its mean loss."""
+    def _step_loss(self, x: torch.Tensor, y: torch.Tensor, batch: torch.Tensor, batch_size: int,
+                   generator: torch.Generator) -> torch.Tensor:
+        """Forward + backward of one mini-batch; returns its mean (data) loss."""
         k = int(batch.shape[0])
         weight = torch.ones(k, device=x.device)
+        step = self._forward_backward
         if k < batch_size and self.compiled:
             if not self._pad_short_batches:  # batch norm: run the odd size eagerly, no recompilation
-                return self._loss_and_backward(x[batch], y[batch], weight)
-            batch = batch[torch.arange(batch_size, device=batch.device) % k]
-            weight = torch.cat([weight, torch.zeros(batch_size - k, device=x.device)])
-        return self._forward_backward(x[batch], y[batch], weight)
+                step = self._loss_and_backward
+            else:
+                batch = batch[torch.arange(batch_size, device=batch.device) % k]
+                weight = torch.cat([weight, torch.zeros(batch_size - k, device=x.device)])
+        yb = y[batch]
+        extra = () if self.objective is None else self.objective.inputs(yb, generator)
+        return step(x[batch], yb, weight, *extra)
 
     def train(
         self,
@@ -119,6 +144,7 @@ class LocalTrainer:
         batch_size: int,
         generator: torch.Generator,
         regularizer: Regularizer | None = None,
+        objective: LocalObjective | None = None,
     ) -> TrainResult:
         """Train from ``start`` on the client's samples.
 
@@ -130,7 +156,12 @@ class LocalTrainer:
             batch_size: mini-batch size (the last batch of an epoch may be smaller).
             generator: drives shuffling and stochastic rounding (seeded per client and round).
             regularizer: extra loss term on the model (e.g. FedProx's proximal term).
+            objective: extra loss terms with their own inputs (e.g. FedGen's); pass the
+                same object every time.
         """
+        if regularizer is not None and objective is not None and not hasattr(regularizer, "add_gradient"):
+            raise ValueError("a regularizer without add_gradient cannot be combined with an objective")
+        self.objective = objective
         model, opt = self.model, self.optimizer
         model.load_state_dict(start)
         model.train()
@@ -146,9 +177,9 @@ class LocalTrainer:
                 reseed_quantizers(model, generator)
                 opt.zero_grad(set_to_none=False)
                 if regularizer is None:
-                    loss = self._step_loss(x, y, batch, batch_size)
+                    loss = self._step_loss(x, y, batch, batch_size, generator)
                 elif hasattr(regularizer, "add_gradient"):  # closed-form gradient: keeps the fused step
-                    loss = self._step_loss(x, y, batch, batch_size)
+                    loss = self._step_loss(x, y, batch, batch_size, generator)
                     regularizer.add_gradient()
                 else:
                     loss = F.cross_entropy(model(x[batch]), y[batch])

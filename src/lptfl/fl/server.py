@@ -112,11 +112,15 @@ class Server:
         self.round = 0
         self._expect = {k: (tuple(v.shape), v.dtype) for k, v in self.global_state.items()}
         # algorithm hooks (lptfl.fl.algorithms / server_optim): entries kept on the clients
-        # (FedBN), a scorer giving each decoded update its aggregation weight (ABAvg), and a
-        # server optimizer turning (served, mean) into the new global model (FedOpt)
+        # (FedBN), a scorer giving each decoded update its aggregation weight (ABAvg), a
+        # server optimizer turning (served, mean) into the new global model (FedOpt), an
+        # observer of each accepted update (FedGen, FedFTG) and a refinement of the
+        # aggregate before the moving average (FedFTG's fine-tuning)
         self.local_names: frozenset[str] = frozenset()
         self.scorer: Callable[[State], float] | None = None
         self.optimizer: ServerOptimizer | None = None
+        self.on_accept: Callable[[int | str, State, int], None] | None = None
+        self.refine: Callable[[State], State] | None = None
         self._mean: RunningMean | CoordinateWise | None = None
         self._reference: State | None = None
         self.stats = RoundStats()
@@ -172,6 +176,8 @@ class Server:
         self.stats.weights.append(weight)
         self._mean.add(state, weight if weight > 0 else 1.0)
         self.stats.accepted += 1
+        if self.on_accept is not None:
+            self.on_accept(client, state, num_samples)
         return True
 
     def end_round(self) -> bool:
@@ -189,6 +195,8 @@ class Server:
         aggregate = mean.result(self.global_state)
         if self.optimizer is not None and self._reference is not None:
             aggregate = self.optimizer.step(self._reference, aggregate)
+        if self.refine is not None:
+            aggregate = self.refine(aggregate)
         self.global_state = aggregate
         if self.config.moving_average and self.round >= self.config.ma_start:
             if self.average_state is None:

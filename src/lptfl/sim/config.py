@@ -7,7 +7,10 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from lptfl.data import DATASET_NAMES, canonical_name
+from lptfl.fl.algorithms import AGGREGATION_MODES, MODE_ALIASES
 from lptfl.fl.client import OPTIMIZERS
+from lptfl.fl.fedftg import FedFTGConfig
+from lptfl.fl.fedgen import FedGenConfig
 from lptfl.fl.server import WEIGHTINGS, ServerConfig
 from lptfl.models import MODELS
 from lptfl.quant import PrecisionPolicy
@@ -17,7 +20,6 @@ PARTITIONS = ("dirichlet", "dirichlet-plain", "iid")
 LR_SCHEDULES = ("none", "cosine", "step")
 CLIENT_STATES = ("auto", "memory", "disk", "none")
 COMPILE_MODES = ("auto", "on", "off")
-AGGREGATION_MODES = ("fedavg", "fedprox", "fedbn", "abavg")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
 ROBUST_MODES = ("none", "median", "trimmed_mean")
 # settings added after results were published: left out of the fingerprint at their default,
@@ -28,6 +30,8 @@ _FINGERPRINT_IF_SET.update({  # FL algorithms (lptfl.fl.algorithms, lptfl.fl.ser
     "server_optimizer": "none", "server_lr": 0.0, "server_momentum": 0.9, "server_beta1": 0.9,
     "server_beta2": 0.99, "server_tau": 0.0,
 })
+_FINGERPRINT_IF_SET.update({f"fedgen_{k}": v for k, v in FedGenConfig().__dict__.items()})
+_FINGERPRINT_IF_SET.update({f"fedftg_{k}": v for k, v in FedFTGConfig().__dict__.items()})
 
 
 @dataclass
@@ -86,6 +90,35 @@ class RunConfig:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 0.0
+    fedgen_alpha: float = 0.1
+    fedgen_beta: float = 2.5
+    fedgen_decay: float = 0.98
+    fedgen_lr: float = 3e-4
+    fedgen_batch_size: int = 32
+    fedgen_noise_dim: int = 32
+    fedgen_hidden: int = 32
+    fedgen_steps: int = 5
+    fedgen_diversity: float = 1.0
+    fedftg_gen_lr: float = 1e-2
+    fedftg_lr: float = 1e-4
+    fedftg_iterations: int = 10
+    fedftg_gen_rounds: int = 1
+    fedftg_distill_rounds: int = 5
+    fedftg_batch_size: int = 64
+    fedftg_noise_dim: int = 100
+    fedftg_hard_weight: float = 1.0
+    fedftg_diversity: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.aggregation_mode = MODE_ALIASES.get(self.aggregation_mode, self.aggregation_mode)
+
+    def fedgen_config(self) -> FedGenConfig:
+        """FedGen's settings from the ``--fedgen_*`` flags."""
+        return FedGenConfig(**{k: getattr(self, f"fedgen_{k}") for k in FedGenConfig().__dict__})
+
+    def fedftg_config(self) -> FedFTGConfig:
+        """FedFTG's settings from the ``--fedftg_*`` flags."""
+        return FedFTGConfig(**{k: getattr(self, f"fedftg_{k}") for k in FedFTGConfig().__dict__})
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting and what was expected."""
@@ -121,7 +154,8 @@ class RunConfig:
         need(0 <= self.moving_weight < 1, f"--moving_weight must be in [0, 1), got {self.moving_weight}")
         need(self.ma_start >= 1, f"--ma_start must be >= 1, got {self.ma_start}")
         need(self.aggregation_mode in AGGREGATION_MODES,
-             f"--aggregation_mode must be one of {AGGREGATION_MODES}, got {self.aggregation_mode!r}")
+             f"--aggregation_mode must be one of {AGGREGATION_MODES} (or fedtgp, the published name of fedftg), "
+             f"got {self.aggregation_mode!r}")
         need(self.aggregation_weighting in WEIGHTINGS,
              f"--aggregation_weighting must be one of {WEIGHTINGS}, got {self.aggregation_weighting!r}")
         need(self.client_state in CLIENT_STATES, f"--client_state must be one of {CLIENT_STATES}, got {self.client_state!r}")
@@ -144,6 +178,15 @@ class RunConfig:
         need(0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1,
              f"--server_beta1/--server_beta2 must be in [0, 1), got {self.server_beta1}, {self.server_beta2}")
         need(self.server_tau >= 0, f"--server_tau must be >= 0 (0: the optimizer's default), got {self.server_tau}")
+        for name in ("fedgen_alpha", "fedgen_beta", "fedgen_diversity", "fedftg_hard_weight", "fedftg_diversity"):
+            need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+        need(0 < self.fedgen_decay <= 1, f"--fedgen_decay must be in (0, 1], got {self.fedgen_decay}")
+        for name in ("fedgen_lr", "fedftg_gen_lr", "fedftg_lr"):
+            need(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in ("fedgen_batch_size", "fedgen_noise_dim", "fedgen_hidden", "fedftg_batch_size", "fedftg_noise_dim"):
+            need(getattr(self, name) >= 2, f"--{name} must be >= 2, got {getattr(self, name)}")
+        for name in ("fedgen_steps", "fedftg_iterations", "fedftg_gen_rounds", "fedftg_distill_rounds"):
+            need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         need(self.aggregation_mode != "abavg" or self.robust == "none",
              "--aggregation_mode abavg weights the mean; it cannot be combined with --robust")
 

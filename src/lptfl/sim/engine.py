@@ -173,6 +173,15 @@ class Simulation:
             return ClientStateStore(Path(out_dir) / "client_state")
         return ClientStateStore()
 
+    def seed_for(self, *parts: int) -> int:
+        """A seed derived from the run's seed and ``parts`` (e.g. a round and a tag)."""
+        return derive_seed(self.config.seed, *parts)
+
+    def make_fp32_model(self) -> torch.nn.Module:
+        """A fresh full-precision model of the run's architecture (no quantizers), for server-side
+        work such as FedFTG's fine-tuning."""
+        return build_run_model(self.config, self.data).to(self.device)
+
     @property
     def round(self) -> int:
         return self.server.round
@@ -202,6 +211,7 @@ class Simulation:
             result = self.trainer.train(
                 self.algorithm.client_start(client, start_state), self.client_x[client], self.client_y[client],
                 epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, regularizer=regularizer,
+                objective=self.algorithm.objective,
             )
             if self.store is not None:
                 self.store.save(client, self.trainer.inner)
@@ -211,6 +221,7 @@ class Simulation:
             loss_sum += result.loss * result.num_samples
             sample_sum += result.num_samples
         self.server.end_round()
+        self.algorithm.end_round()
         self.eval_model.load_state_dict(self.server.served_state())
         test_loss, test_acc = evaluate(
             self.eval_model, self.data.test_x, self.data.test_y,
@@ -225,9 +236,9 @@ class Simulation:
             test_accuracy=test_acc,
             test_loss=test_loss,
             bytes_up=sum(stats.bytes_up),
-            bytes_down=len(down) * len(clients),
+            bytes_down=(len(down) + self.algorithm.extra_bytes_down) * len(clients),
             bytes_up_per_client=list(stats.bytes_up),
-            bytes_down_per_client=len(down),
+            bytes_down_per_client=len(down) + self.algorithm.extra_bytes_down,
             clients=clients,
             accepted=stats.accepted,
             rejected=stats.rejected,
