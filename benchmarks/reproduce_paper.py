@@ -6,8 +6,9 @@ Run on a GPU machine and bring everything back as one archive:
     python benchmarks/reproduce_paper.py --data_path data --device cuda --archive results.tar.gz
 
 Each configuration runs in its own ``lptfl run`` process into ``<out>/<config>[-s<seed>]/`` with a
-checkpoint every round. Finished runs (summary.json with all rounds) are skipped; a run with a
-checkpoint continues with ``--resume``. Afterwards ``<out>/table.md`` (mean +- std of the last 5
+checkpoint every round (:mod:`lptfl.grid`). Finished runs (summary.json with all rounds) are
+skipped; a run with a checkpoint continues with ``--resume``; ``--parallel N`` advances N runs
+together. Afterwards ``<out>/table.md`` (mean +- std of the last 5
 rounds beside the paper's numbers) and ``<out>/curves.png`` are (re)written from whatever exists,
 so partial progress is always visible.
 """
@@ -15,14 +16,10 @@ so partial progress is always visible.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import subprocess
-import sys
-import tarfile
-import time
 from pathlib import Path
 
+from lptfl.grid import GridRun, archive, run_grid
 from lptfl.report import describe, plot_curves, table
 
 log = logging.getLogger("reproduce")
@@ -50,30 +47,6 @@ PAPER = {
 }
 
 
-def rounds_done(run_dir: Path) -> int:
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        return int(json.loads(summary.read_text())["rounds"])
-    return 0
-
-
-def run_one(run_dir: Path, flags: list[str], rounds: int) -> None:
-    """Run (or resume) one configuration to ``rounds`` rounds in its own process."""
-    if rounds_done(run_dir) >= rounds:
-        log.info("%s: finished already, skipped", run_dir.name)
-        return
-    if (run_dir / "config.json").exists():
-        command = [sys.executable, "-m", "lptfl", "run", "--resume", str(run_dir), "--quiet"]
-        log.info("%s: resuming", run_dir.name)
-    else:
-        command = [sys.executable, "-m", "lptfl", "run", *flags, "--c_rounds", str(rounds), "--out", str(run_dir),
-                   "--checkpoint_every", "1", "--quiet"]
-        log.info("%s: starting", run_dir.name)
-    started = time.time()
-    subprocess.run(command, check=True)
-    log.info("%s: done in %.0f s", run_dir.name, time.time() - started)
-
-
 def write_table(out: Path, run_dirs: list[Path], alpha: float) -> None:
     """``table.md``: our runs (mean +- std of the last 5 rounds) beside the paper's numbers."""
     ours = table(run_dirs)
@@ -99,31 +72,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--seeds", default="0", help="comma-separated; seed 0 runs go in <config>/, others in <config>-s<seed>/")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at once (they share the CPU threads); e.g. 3 to advance the key runs together")
     parser.add_argument("--archive", type=Path, help="also pack the result files (no checkpoints) into this .tar.gz")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    run_dirs = []
+    runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.configs.split(","):
             if name not in CONFIGS:
                 raise SystemExit(f"unknown config {name!r}; expected one of {', '.join(CONFIGS)}")
-            run_dir = args.out / (name if seed == 0 else f"{name}-s{seed}")
             flags = [*PAPER_SETTING, *CONFIGS[name], "--alpha", str(args.alpha), "--seed", str(seed),
                      "--data_path", args.data_path, "--device", args.device]
-            run_dirs.append(run_dir)
-            try:
-                run_one(run_dir, flags, args.rounds)
-            finally:
-                present = [d for d in run_dirs if (d / "metrics.jsonl").exists()]
-                if present:
-                    write_table(args.out, present, args.alpha)
-                    plot_curves(present, args.out / "curves.png")
+            runs.append(GridRun(args.out / (name if seed == 0 else f"{name}-s{seed}"), tuple(flags)))
+
+    def refresh() -> None:
+        present = [r.run_dir for r in runs if (r.run_dir / "metrics.jsonl").exists()]
+        if present:
+            write_table(args.out, present, args.alpha)
+            plot_curves(present, args.out / "curves.png")
+
+    try:
+        run_grid(runs, args.rounds, parallel=args.parallel, after_each=refresh)
+    finally:
+        refresh()
     if args.archive is not None:
-        with tarfile.open(args.archive, "w:gz") as tar:
-            for path in sorted(args.out.rglob("*")):
-                if path.is_file() and path.name in {"metrics.jsonl", "summary.json", "config.json", "table.md", "curves.png"}:
-                    tar.add(path, arcname=str(path.relative_to(args.out.parent)))
+        archive(args.out, args.archive)
 
 
 if __name__ == "__main__":

@@ -151,12 +151,14 @@ def test_crash_between_metrics_and_checkpoint_reruns_the_round(tmp_path, monkeyp
 
 
 def test_resume_refuses_changed_settings(tmp_path, capsys):
-    ckpt.write_config(tmp_path, RunConfig(c_rounds=4, seed=3))
+    ckpt.write_config(tmp_path, RunConfig(c_rounds=4, seed=3, lr_schedule="cosine"))
     assert main(["run", "--resume", str(tmp_path), "--c_rounds", "9", "--seed", "3"]) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err  # the cosine schedule depends on the number of rounds
     assert "refusing to resume" in err and "--c_rounds 4 -> 9" in err and "--seed" not in err
     allowed = ckpt.resume_config(tmp_path, {"checkpoint_every": 3, "compile": "off", "seed": 3})
     assert allowed.c_rounds == 4 and allowed.checkpoint_every == 3 and allowed.compile == "off"
+    ckpt.write_config(tmp_path, RunConfig(c_rounds=4, seed=3))
+    assert ckpt.resume_config(tmp_path, {"c_rounds": 9}).c_rounds == 9  # constant lr: a run can be extended
     with pytest.raises(ckpt.CheckpointError, match="dropout"):
         ckpt.resume_config(tmp_path, {"dropout": 0.2})
     assert main(["run", "--resume", str(tmp_path / "nothing")]) == 2

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lptfl.quant.format import BFPFormat
-from lptfl.quant.quantize import block_amax, block_exponent, quantize
+from lptfl.quant.quantize import block_exponent, quantize
 
 # Split a scale 2**k into two float32 factors that are both normal (as quantize does).
 _LOW_MIN, _LOW_MAX = -126, 100

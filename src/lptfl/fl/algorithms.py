@@ -1,6 +1,6 @@
-"""FL algorithms compatible with the low-precision paradigm (REFERENCE §6): FedProx, FedBN, ABAvg,
-and the simulator's hooks that also drive FedGen (:mod:`lptfl.fl.fedgen`) and FedFTG
-(:mod:`lptfl.fl.fedftg`).
+"""FL algorithms compatible with the low-precision paradigm (REFERENCE §6): the pieces of FedProx,
+FedBN and ABAvg; FedGen and FedFTG live in :mod:`lptfl.fl.fedgen` and :mod:`lptfl.fl.fedftg`, the
+server-side wiring in :mod:`lptfl.fl.server_algorithm`.
 
 Each algorithm changes one side of a FedAvg round; the low-precision local training, the
 quantized wire format, the high-precision aggregation and the moving average stay as they are.
@@ -22,22 +22,13 @@ quantized wire format, the high-precision aggregation and the moving average sta
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from lptfl import codec
 from lptfl.fl.client import evaluate
-from lptfl.fl.ensemble import label_counts
-from lptfl.fl.fedftg import FedFTGServer
-from lptfl.fl.fedgen import FeatureGenerator, FedGenObjective, FedGenServer
-from lptfl.fl.server import full_precision_names
-from lptfl.fl.server_optim import ServerOptimizer
-
-log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 Regularizer = Callable[[nn.Module], torch.Tensor]
@@ -217,166 +208,3 @@ def accuracy_scorer(
         return max(accuracy, MIN_ABAVG_WEIGHT)
 
     return score
-
-
-# ---------------------------------------------------------------- the simulator's hooks
-
-
-class AlgorithmHooks:
-    """What ``--aggregation_mode`` and ``--server_optimizer`` change in a simulated round.
-
-    Built by :class:`lptfl.sim.engine.Simulation` after its server, trainer and eval model; it
-    configures the server (local entries, scorer, optimizer) and is called by ``run_round``.
-
-    Args:
-        sim: the simulation (``config``, ``server``, ``trainer``, ``eval_model``, ``eval_forward``,
-            ``data``, ``full_precision``, ``policy``, ``client_y``, ``device``, ``seed_for``,
-            ``make_fp32_model`` and, for ABAvg, ``val_x`` / ``val_y``).
-    """
-
-    def __init__(self, sim) -> None:
-        cfg = sim.config
-        self.sim = sim
-        self.mode = cfg.aggregation_mode
-        self.bank: LocalStateBank | None = None
-        server = sim.server
-        if self.mode == "fedbn":
-            names = batchnorm_names(sim.trainer.model)
-            if not names:
-                log.warning(
-                    "--aggregation_mode fedbn: the model has no batch-norm layer, so it runs as FedAvg "
-                    "(use --model_name resnet8 or --model_norm batchnorm)")
-            self.bank = LocalStateBank(names, server.global_state)
-            server.keep_local(names)
-        if self.mode == "abavg":
-            server.scorer = accuracy_scorer(
-                sim.eval_model, sim.val_x, sim.val_y, batch_size=cfg.test_batch_size, forward=sim.eval_forward)
-        if cfg.server_optimizer != "none":
-            params = [n for n, _ in sim.trainer.model.named_parameters() if n not in server.local_names]
-            server.optimizer = ServerOptimizer(
-                cfg.server_optimizer, params, lr=cfg.server_lr, momentum=cfg.server_momentum,
-                beta1=cfg.server_beta1, beta2=cfg.server_beta2, tau=cfg.server_tau)
-        self.uplink_full_precision = [k for k in sim.full_precision if k not in server.local_names]
-        self._participants: list[int] = []
-        self.objective: FedGenObjective | None = None
-        self.fedgen: FedGenServer | None = None
-        self.fedftg: FedFTGServer | None = None
-        self.extra_bytes_down = 0  # per client: FedGen's generator
-        self._accepted: list[tuple[State, torch.Tensor]] = []  # (decoded update, label counts)
-        if self.mode == "fedgen":
-            head = sim.trainer.model.classifier
-            settings = cfg.fedgen_config()
-            self.fedgen = FedGenServer(sim.data.num_classes, head.in_features, settings, seed=sim.seed_for(0xF6))
-            client_copy = FeatureGenerator(sim.data.num_classes, head.in_features,
-                                           noise_dim=settings.noise_dim, hidden=settings.hidden)
-            self.objective = FedGenObjective(client_copy.to(sim.device), settings.batch_size)
-            server.on_accept = self._accept
-        if self.mode == "fedftg":
-            self.fedftg = FedFTGServer(sim.make_fp32_model, sim.data.num_classes, sim.data.input_shape,
-                                       cfg.fedftg_config(), seed=sim.seed_for(0xF7))
-            server.on_accept = self._accept
-            server.refine = self._refine
-
-    def _accept(self, client: int | str, state: State, _num_samples: int) -> None:
-        counts = label_counts(self.sim.client_y[int(client)], self.sim.data.num_classes)
-        if self.fedgen is not None:
-            state = {k: v for k, v in state.items() if k.startswith("classifier.")}
-        self._accepted.append((state, counts))
-
-    def _refine(self, aggregate: State) -> State:
-        states = [{**aggregate, **state} for state, _ in self._accepted]
-        generator = torch.Generator().manual_seed(self.sim.seed_for(self.sim.server.round, 0xF7))
-        return self.fedftg.refine(aggregate, states, [c for _, c in self._accepted], generator)
-
-    def _send_generator(self, round_index: int) -> None:
-        """FedGen's downlink extra: the generator, encoded like the model; the clients' copy is
-        what they decode."""
-        generator = self.fedgen.generator
-        payload = codec.encode(generator.state_dict(), self.sim.policy.downlink,
-                               full_precision=full_precision_names(generator))
-        self.extra_bytes_down = len(payload)
-        self.objective.generator.load_state_dict(codec.decode(payload))
-        self.objective.generator.eval()
-        alpha, beta = self.fedgen.coefficients(round_index)
-        self.objective.set_round(alpha, beta, self.fedgen.labels)
-
-    def end_round(self) -> None:
-        """Called after the server aggregated: FedGen trains its generator on the round's heads."""
-        if self.fedgen is not None and self._accepted:
-            heads = [(s["classifier.weight"], s["classifier.bias"]) for s, _ in self._accepted]
-            generator = torch.Generator().manual_seed(self.sim.seed_for(self.sim.server.round, 0xF6))
-            self.fedgen.train(heads, [c for _, c in self._accepted], generator)
-        self._accepted = []
-
-    def begin_round(self, start_state: Mapping[str, torch.Tensor]) -> Regularizer | None:
-        """Called once per round with the decoded downlink; returns the local-loss regularizer."""
-        self._participants = []
-        self._accepted = []
-        if self.fedgen is not None:
-            self._send_generator(self.sim.server.round + 1)
-        if self.mode == "fedprox":
-            return proximal_regularizer(self.sim.trainer.model, start_state, self.sim.config.lambda_fedprox)
-        return None
-
-    def client_start(self, client: int, start_state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        """The state client ``client`` starts from (FedBN: with its own batch norm)."""
-        return start_state if self.bank is None else self.bank.start(client, start_state)
-
-    def client_uplink(self, client: int, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        """What client ``client`` sends up of its trained ``state`` (FedBN: keeps batch norm)."""
-        self._participants.append(client)
-        return state if self.bank is None else self.bank.keep(client, state)
-
-    def vote_accuracy(self) -> float | None:
-        """FedBN: test accuracy of the majority vote of this round's participants' models
-        (served model + each client's batch norm); None for the other modes."""
-        if self.bank is None or not self._participants:
-            return None
-        sim = self.sim
-        served = sim.server.served_state()
-        states = [{**served, **self.bank.local(c)} for c in self._participants]
-        return vote_accuracy(sim.eval_model, states, sim.data.test_x, sim.data.test_y, sim.data.num_classes,
-                             batch_size=sim.config.test_batch_size)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Algorithm state a checkpoint must keep, as flat tensors: FedBN's per-client local
-        entries (``bn.<client>.<name>``) and the server optimizer's (``server_opt.*``)."""
-        out: dict[str, torch.Tensor] = {}
-        if self.bank is not None:
-            for client, state in self.bank.state_dict().items():
-                for name, value in state.items():
-                    out[f"bn.{client}.{name}"] = value
-        if self.fedgen is not None:
-            out.update(self.fedgen.state_dict())
-        if self.fedftg is not None:
-            out.update(self.fedftg.state_dict())
-        optimizer = self.sim.server.optimizer
-        if optimizer is not None:
-            state = optimizer.state_dict()
-            out["server_opt.steps"] = torch.tensor(state["steps"], dtype=torch.int64)
-            for part in ("m", "v"):
-                for name, value in state[part].items():
-                    out[f"server_opt.{part}.{name}"] = value
-        return out
-
-    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        if self.bank is not None:
-            states: dict[int, State] = {}
-            for key, value in tensors.items():
-                if key.startswith("bn."):
-                    client, name = key[3:].split(".", 1)
-                    states.setdefault(int(client), {})[name] = value
-            self.bank.load_state_dict(states)
-        if self.fedgen is not None:
-            self.fedgen.load_state_dict(tensors)
-        if self.fedftg is not None:
-            self.fedftg.load_state_dict(tensors)
-        optimizer = self.sim.server.optimizer
-        if optimizer is not None and "server_opt.steps" in tensors:
-            state: dict = {"steps": int(tensors["server_opt.steps"]), "m": {}, "v": {}}
-            for key, value in tensors.items():
-                for part in ("m", "v"):
-                    if key.startswith(f"server_opt.{part}."):
-                        state[part][key[len(f"server_opt.{part}."):]] = value
-            optimizer.load_state_dict(state)

@@ -135,7 +135,8 @@ def resume_config(run_dir: Path, overrides: dict | None = None) -> RunConfig:
         raise CheckpointError(
             f"refusing to resume {run_dir}: the given settings change the experiment "
             f"({'; '.join(changed) or 'fingerprint differs'}); resume with the run's own settings "
-            "(only --compile, --device, --checkpoint_every, --data_path, --download, --client_state may differ) "
+            "(only --compile, --device, --checkpoint_every, --data_path, --download, --client_state may differ, "
+            "and --c_rounds under a constant learning rate) "
             "or start a new run with another --out"
         )
     return config

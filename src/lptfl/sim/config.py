@@ -221,8 +221,11 @@ class RunConfig:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """A hash of every setting that changes results (not of device, compile or paths)."""
+        """A hash of every setting that changes results (not of device, compile or paths; not of
+        ``c_rounds`` under a constant learning rate, so a finished run can be extended)."""
         ignored = {"device", "compile", "data_path", "download", "client_state", "checkpoint_every"}
+        if self.lr_schedule == "none":
+            ignored.add("c_rounds")
         items = {
             k: v for k, v in self.to_dict().items()
             if k not in ignored and not (k in _FINGERPRINT_IF_SET and v == _FINGERPRINT_IF_SET[k])

@@ -21,7 +21,8 @@ import torch
 from lptfl import codec
 from lptfl.data import Dataset, dirichlet_partition, iid_partition, load_dataset, partition_summary
 from lptfl.fl import ClientStateStore, LocalTrainer, Server, evaluate, full_precision_names
-from lptfl.fl.algorithms import AlgorithmHooks, validation_split
+from lptfl.fl.algorithms import validation_split
+from lptfl.sim.algorithm_hooks import AlgorithmHooks
 from lptfl.models import build_model
 from lptfl.quant.compiled import MaybeCompiled
 from lptfl.sim.config import RunConfig

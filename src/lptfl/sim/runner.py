@@ -79,6 +79,7 @@ def run_experiment(
         for name in (SUMMARY, CURVES):
             if (out_dir / name).exists():
                 (out_dir / name).unlink()
+        write_config(out_dir, config)  # same experiment; records e.g. a larger --c_rounds
     else:
         prepare_output(out_dir, overwrite=overwrite)
         write_config(out_dir, config)

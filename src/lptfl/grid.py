@@ -1,0 +1,112 @@
+"""Resumable grids of runs (the paper reproduction, algorithm comparisons).
+
+Each run is one ``lptfl run`` process writing into its own folder with a checkpoint every
+round. A run whose ``summary.json`` reports all its rounds is skipped; a run with a saved
+config continues with ``--resume``. Up to ``parallel`` runs go at once, each given an equal
+share of the CPU threads, so several long runs advance together and an interruption
+loses at most one round of each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RESULT_FILES = frozenset({"metrics.jsonl", "summary.json", "config.json", "table.md", "curves.png"})
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One run of a grid: its folder and its ``lptfl run`` flags (without ``--out``)."""
+
+    run_dir: Path
+    flags: tuple[str, ...]
+
+
+def rounds_done(run_dir: Path) -> int:
+    """Rounds finished in ``run_dir`` (0 when it holds no run yet)."""
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        return int(json.loads(summary.read_text())["rounds"])
+    return 0
+
+
+def run_command(run: GridRun, rounds: int) -> list[str] | None:
+    """The command that starts or resumes ``run`` to ``rounds`` rounds; None when it is done."""
+    if rounds_done(run.run_dir) >= rounds:
+        return None
+    if (run.run_dir / "config.json").exists():
+        return [sys.executable, "-m", "lptfl", "run", "--resume", str(run.run_dir), "--c_rounds", str(rounds), "--quiet"]
+    return [sys.executable, "-m", "lptfl", "run", *run.flags, "--c_rounds", str(rounds), "--out", str(run.run_dir),
+            "--checkpoint_every", "1", "--quiet"]
+
+
+def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
+             after_each: Callable[[], None] | None = None, poll_s: float = 2.0) -> None:
+    """Bring every run of ``runs`` to ``rounds`` rounds, ``parallel`` at a time.
+
+    Args:
+        runs: the grid.
+        rounds: rounds each run must reach.
+        parallel: processes at once; each gets ``max(1, cpus // parallel)`` threads.
+        after_each: called after each process ends (e.g. to rewrite a table).
+        poll_s: seconds between checks of the running processes.
+
+    Raises:
+        RuntimeError: a run's process failed (the others are left to finish first).
+    """
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    pending = list(runs)
+    active: list[tuple[GridRun, subprocess.Popen, float]] = []
+    failures: list[str] = []
+    try:
+        while pending or active:
+            while pending and len(active) < parallel:
+                run = pending.pop(0)
+                command = run_command(run, rounds)
+                if command is None:
+                    log.info("%s: finished already, skipped", run.run_dir.name)
+                    continue
+                log.info("%s: %s", run.run_dir.name, "resuming" if "--resume" in command else "starting")
+                active.append((run, subprocess.Popen(command, env=env), time.time()))
+            time.sleep(poll_s if active else 0)
+            for entry in list(active):
+                run, process, started = entry
+                if process.poll() is None:
+                    continue
+                active.remove(entry)
+                if process.returncode == 0:
+                    log.info("%s: done in %.0f s", run.run_dir.name, time.time() - started)
+                else:
+                    failures.append(f"{run.run_dir.name} (exit {process.returncode})")
+                    log.error("%s: failed with exit status %d", run.run_dir.name, process.returncode)
+                if after_each is not None:
+                    after_each()
+    finally:
+        for _, process, _ in active:  # interrupted: let each run checkpoint and stop
+            process.terminate()
+        for _, process, _ in active:
+            process.wait()
+    if failures:
+        raise RuntimeError(f"runs failed: {', '.join(failures)}")
+
+
+def archive(out: Path, path: Path) -> None:
+    """Pack the result files under ``out`` (no checkpoints) into the ``.tar.gz`` ``path``."""
+    with tarfile.open(path, "w:gz") as tar:
+        for file in sorted(out.rglob("*")):
+            if file.is_file() and file.name in RESULT_FILES:
+                tar.add(file, arcname=str(file.relative_to(out.parent)))

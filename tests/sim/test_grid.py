@@ -1,0 +1,36 @@
+"""Resumable run grids (lptfl.grid)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pytest
+
+from lptfl.grid import GridRun, archive, rounds_done, run_command, run_grid
+
+TINY = ("--model_width", "4", "--num_clients", "4", "--frac", "0.5", "--compile", "off")
+
+
+def test_grid_runs_in_parallel_skips_finished_runs_and_extends_a_partial_one(tmp_path):
+    runs = [GridRun(tmp_path / f"s{seed}", (*TINY, "--seed", str(seed))) for seed in (0, 1)]
+    refreshed = []
+    run_grid(runs, 1, parallel=2, after_each=lambda: refreshed.append(1), poll_s=0.2)
+    assert [rounds_done(r.run_dir) for r in runs] == [1, 1] and len(refreshed) == 2
+    assert run_command(runs[0], 1) is None  # finished: nothing to do
+    assert "--resume" in run_command(runs[0], 2)  # a longer target: the run continues from its checkpoint
+    run_grid(runs[:1], 2, poll_s=0.2)
+    lines = (runs[0].run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2]
+    archive(tmp_path, tmp_path / "out.tar.gz")
+    with tarfile.open(tmp_path / "out.tar.gz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("s1/metrics.jsonl") for n in names)
+    assert not any("checkpoint" in n for n in names)
+
+
+def test_grid_reports_a_failed_run(tmp_path):
+    with pytest.raises(RuntimeError, match="bad"):
+        run_grid([GridRun(tmp_path / "bad", ("--alpha", "-1"))], 1, poll_s=0.1)
+    with pytest.raises(ValueError, match="parallel"):
+        run_grid([], 1, parallel=0)
