@@ -3,7 +3,8 @@
 The same objects as the in-process simulator (:mod:`lptfl.sim.engine`): the model and its
 initialisation (``build_run_model``), the precision policy (``RunConfig.policy()``), the
 aggregation server (:class:`lptfl.fl.Server`), client sampling (``sample_clients``, over the
-SuperNodes' partition ids), the learning-rate schedule, central evaluation (``evaluate``)
+SuperNodes' partition ids), the learning-rate schedule, the FL algorithm's server side
+(:class:`lptfl.fl.server_algorithm.ServerAlgorithm`), central evaluation (``evaluate``)
 and the result files (:mod:`lptfl.sim.results`). Byte counts are the lengths of the payloads
 that were actually sent and received.
 """
@@ -20,11 +21,20 @@ from flwr.serverapp import Grid, ServerApp
 
 from lptfl.data import load_dataset
 from lptfl.fl import Server, evaluate, full_precision_names
+from lptfl.fl.algorithms import accuracy_scorer
+from lptfl.fl.server_algorithm import ServerAlgorithm
 from lptfl.flower.config import FlowerOptions, from_flower_config
 from lptfl.flower.metrics import FlowerRoundMetrics
 from lptfl.flower.strategy import METRICS_RECORD, QUERY, RoundDriver, exchange
 from lptfl.sim.config import RunConfig
-from lptfl.sim.engine import build_run_model, learning_rate, sample_clients
+from lptfl.sim.engine import (
+    build_run_model,
+    derive_seed,
+    learning_rate,
+    sample_clients,
+    split_clients,
+    validation_data,
+)
 from lptfl.sim.results import METRICS, SUMMARY, append_metrics, read_metrics, summarize, write_summary
 
 log = logging.getLogger(__name__)
@@ -75,7 +85,18 @@ class FlowerRun:
         self.eval_model = model.to(self.device)
         self.policy.prepare_model(self.eval_model, self.data.train_x[: config.batch_size].to(self.device))
         self.server = Server(initial, config.server_config(), full_precision=self.full_precision)
-        self.driver = RoundDriver(self.server, round_timeout=options.round_timeout)
+        _, val = split_clients(config, self.data.train_y.numpy())
+        val_x, val_y = validation_data(config, self.data, val)
+        scorer = None
+        if val_x is not None:
+            scorer = accuracy_scorer(self.eval_model, val_x, val_y, batch_size=config.test_batch_size)
+        self.algorithm = ServerAlgorithm(
+            config, self.server, self.eval_model, num_classes=self.data.num_classes,
+            input_shape=self.data.input_shape,
+            make_fp32_model=lambda: build_run_model(config, self.data).to(self.device),
+            seed_for=lambda *parts: derive_seed(config.seed, *parts), scorer=scorer)
+        self.driver = RoundDriver(self.server, round_timeout=options.round_timeout, algorithm=self.algorithm,
+                                  num_classes=self.data.num_classes)
         self.out_dir = Path(options.out_dir) if options.out_dir else None
         self.wall_time_s = 0.0
 

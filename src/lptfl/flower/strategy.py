@@ -1,6 +1,8 @@
 """The server side of a round over a Flower ``Grid``: a thin driver of :class:`lptfl.fl.Server`.
 
-Nothing about the algorithm lives here. Per round: the served model is encoded once by
+The FL algorithm's server side is :class:`lptfl.fl.server_algorithm.ServerAlgorithm` (FedGen's
+generator rides along with the downlink; label counts reported by the clients go to it before
+their updates). Per round: the served model is encoded once by
 ``Server.downlink()`` and sent to the sampled nodes; each reply's payload bytes go to
 ``Server.receive`` (which decodes, validates and adds them in float64, or logs, counts and
 skips a bad one); ``Server.end_round`` skips a round with fewer accepted updates than
@@ -15,11 +17,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from lptfl.codec import PayloadError
 from lptfl.fl import Server
+from lptfl.fl.server_algorithm import ServerAlgorithm
 from lptfl.flower.payload import PAYLOAD_RECORD, from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,7 @@ TRAIN = "train"
 QUERY = "query"
 CONFIG_RECORD = "config"
 METRICS_RECORD = "metrics"
+GENERATOR_RECORD = "fedgen-generator"
 
 
 @dataclass
@@ -94,20 +99,38 @@ class RoundDriver:
         round_timeout: seconds to wait for replies (None or 0: no limit).
     """
 
-    def __init__(self, server: Server, *, round_timeout: float | None = None) -> None:
+    def __init__(self, server: Server, *, round_timeout: float | None = None,
+                 algorithm: ServerAlgorithm | None = None, num_classes: int = 0) -> None:
         self.server = server
         self.round_timeout = round_timeout or None
+        self.algorithm = algorithm
+        self.num_classes = num_classes
 
     def train_messages(self, nodes: Iterable[int], round_index: int, lr: float) -> tuple[list[Message], int]:
-        """One train message per node carrying the downlink payload; and the payload's length."""
+        """One train message per node carrying the downlink payload (and FedGen's generator);
+        and the bytes each node receives."""
         down = self.server.downlink()
+        settings: dict = {"round": round_index, "lr": float(lr)}
+        records = {PAYLOAD_RECORD: to_record(down)}
+        size = len(down)
+        generator = None if self.algorithm is None else self.algorithm.generator_payload(self.server.config.downlink)
+        if generator is not None:
+            alpha, beta, labels = self.algorithm.fedgen_round(round_index)
+            settings.update({"fedgen-alpha": alpha, "fedgen-beta": beta, "fedgen-labels": labels})
+            records[GENERATOR_RECORD] = to_record(generator)
+            size += len(generator)
         messages = []
         for node in nodes:
-            content = RecordDict(
-                {PAYLOAD_RECORD: to_record(down), CONFIG_RECORD: ConfigRecord({"round": round_index, "lr": float(lr)})}
-            )
+            content = RecordDict({**records, CONFIG_RECORD: ConfigRecord(settings)})
             messages.append(Message(content=content, dst_node_id=int(node), message_type=TRAIN))
-        return messages, len(down)
+        return messages, size
+
+    def _label_counts(self, metrics) -> torch.Tensor:
+        counts = metrics["label-counts"]
+        if (not isinstance(counts, list) or len(counts) != self.num_classes
+                or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts)):
+            raise PayloadError(f"label-counts must be {self.num_classes} non-negative integers, got {counts!r}")
+        return torch.tensor(counts, dtype=torch.int64)
 
     def aggregate(self, outcome: RoundOutcome, sent: dict[str, int], replies: dict[str, Message]) -> RoundOutcome:
         """Feed the replies of a round into the server and close the round.
@@ -119,6 +142,8 @@ class RoundDriver:
         """
         server = self.server
         server.begin_round()
+        if self.algorithm is not None:
+            self.algorithm.begin_round()
         for message_id, node in sent.items():
             reply = replies.get(message_id)
             if reply is None:
@@ -142,6 +167,8 @@ class RoundDriver:
                 restored = bool(metrics.get("state-restored", 0))
                 if not math.isfinite(loss):
                     raise ValueError(f"train-loss {loss} is not finite")
+                if self.algorithm is not None and self.algorithm.needs_label_counts:
+                    self.algorithm.report_counts(client, self._label_counts(metrics))
             except (KeyError, PayloadError, TypeError, ValueError) as err:
                 server.stats.rejected += 1
                 server.stats.reasons.append(f"node {node}: malformed reply: {err!r}")
@@ -153,6 +180,8 @@ class RoundDriver:
                 outcome.loss_sum += loss * num_samples
                 outcome.sample_sum += num_samples
         server.end_round()  # skips the round (models unchanged) below ServerConfig.min_clients
+        if self.algorithm is not None:
+            self.algorithm.end_round()
         stats = server.stats
         outcome.skipped = bool(getattr(stats, "skipped", False))
         outcome.rejected_norm = int(getattr(stats, "rejected_norm", 0))

@@ -74,6 +74,29 @@ def partition_data(config: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
     )
 
 
+def split_clients(config: RunConfig, labels: np.ndarray) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """``(client index arrays into the training set, server validation indices or None)``.
+
+    ABAvg (unless it scores on the test set) holds a validation split out of the training set
+    first, and the clients share the rest; every other mode partitions the whole set.
+    """
+    if config.aggregation_mode == "abavg" and not config.abavg_use_test_set:
+        pool, val = validation_split(len(labels), config.abavg_val_fraction, config.seed)
+        return [pool[p] for p in partition_data(config, labels[pool])], val
+    return partition_data(config, labels), None
+
+
+def validation_data(config: RunConfig, data: Dataset, val: np.ndarray | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """ABAvg's server-held ``(x, y)``: the held-out ``val`` rows, or the test set when
+    ``--abavg_use_test_set``; ``(None, None)`` for the other modes."""
+    if config.aggregation_mode != "abavg":
+        return None, None
+    if config.abavg_use_test_set:
+        return data.test_x, data.test_y
+    index = torch.from_numpy(val)
+    return data.train_x[index], data.train_y[index]
+
+
 def build_run_model(config: RunConfig, data: Dataset) -> torch.nn.Module:
     """The model of the run, with parameters initialised from ``config.seed``."""
     channels, height, _ = data.input_shape
@@ -126,15 +149,8 @@ class Simulation:
         self.device = torch.device(config.device)
         self.data = load_dataset(config.dataset, config.data_path, download=config.download)
         labels = self.data.train_y.numpy()
-        self.val_x = self.val_y = None  # ABAvg's server-held validation data
-        if config.aggregation_mode == "abavg" and config.abavg_use_test_set:
-            self.val_x, self.val_y = self.data.test_x, self.data.test_y
-        if config.aggregation_mode == "abavg" and not config.abavg_use_test_set:
-            pool, val = validation_split(len(labels), config.abavg_val_fraction, config.seed)
-            self.val_x, self.val_y = self.data.train_x[torch.from_numpy(val)], self.data.train_y[torch.from_numpy(val)]
-            self.parts = [pool[p] for p in partition_data(config, labels[pool])]  # no client trains on val
-        else:
-            self.parts = partition_data(config, labels)
+        self.parts, val = split_clients(config, labels)  # no client trains on ABAvg's validation data
+        self.val_x, self.val_y = validation_data(config, self.data, val)
         log.info("partition:\n%s", partition_summary(labels, self.parts, self.data.num_classes))
         self.client_x = [self.data.train_x[torch.from_numpy(p)] for p in self.parts]
         self.client_y = [self.data.train_y[torch.from_numpy(p)] for p in self.parts]
