@@ -21,7 +21,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
-from lptfl.sim.config import RunConfig
+from lptfl.experiment.config import RunConfig
 from lptfl.sim.engine import Simulation
 cfg = RunConfig(**json.loads(sys.argv[1]))
 sim = Simulation(cfg, out_dir=sys.argv[2])

@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from lptfl.data import DatasetError
-from lptfl.sim.config import RunConfig
+from lptfl.experiment.config import RunConfig
 
 log = logging.getLogger("lptfl")
 
@@ -233,8 +233,8 @@ def _command_flower_local(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("lptfl: interrupted; the local federation was stopped", file=sys.stderr)
             return 130
+    from lptfl.experiment.results import CURVES
     from lptfl.report import plot_curves
-    from lptfl.sim.results import CURVES
 
     plot_curves([args.out], args.out / CURVES)
     print(

@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from lptfl.sim.results import LAST_ROUNDS, read_metrics
+from lptfl.experiment.results import LAST_ROUNDS, read_metrics
 
 
 def run_label(run_dir: Path) -> str:

@@ -9,15 +9,20 @@ import torch
 from torch import nn
 
 from lptfl import codec
+from lptfl.experiment.config import RunConfig
 from lptfl.fl import LocalTrainer, Server, ServerConfig, full_precision_names
 from lptfl.fl.algorithms import (
-    LocalStateBank, abavg_weights, accuracy_scorer, batchnorm_names, proximal_regularizer, validation_split,
+    LocalStateBank,
+    abavg_weights,
+    accuracy_scorer,
+    batchnorm_names,
+    proximal_regularizer,
+    validation_split,
     vote_accuracy,
 )
 from lptfl.fl.server_optim import ServerOptimizer
 from lptfl.models import ConvNet, resnet8
 from lptfl.quant import PrecisionPolicy
-from lptfl.sim.config import RunConfig
 from lptfl.sim.engine import Simulation
 
 FAST = dict(compile="off", model_width=8, num_clients=4, frac=0.5, epochs=1, batch_size=32)

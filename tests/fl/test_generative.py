@@ -14,7 +14,12 @@ from lptfl.fl.ensemble import (
     weighted_teacher_logits,
 )
 from lptfl.fl.fedftg import FedFTGConfig, FedFTGServer, ImageGenerator
-from lptfl.fl.fedgen import FeatureGenerator, FedGenConfig, FedGenObjective, FedGenServer
+from lptfl.fl.fedgen import (
+    FeatureGenerator,
+    FedGenConfig,
+    FedGenObjective,
+    FedGenServer,
+)
 from lptfl.models import MLP
 from lptfl.quant import PrecisionPolicy
 

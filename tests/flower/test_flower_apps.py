@@ -13,18 +13,31 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import (  # noqa: E402
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from lptfl.codec import PayloadError  # noqa: E402
+from lptfl.experiment.config import RunConfig  # noqa: E402
+from lptfl.experiment.results import read_metrics  # noqa: E402
 from lptfl.flower import client_app  # noqa: E402
-from lptfl.flower.config import FlowerOptions, default_app_config, from_flower_config, to_flower_config  # noqa: E402
+from lptfl.flower.config import (  # noqa: E402
+    FlowerOptions,
+    default_app_config,
+    from_flower_config,
+    to_flower_config,
+)
 from lptfl.flower.payload import from_record, to_record  # noqa: E402
 from lptfl.flower.server_app import FlowerRun  # noqa: E402
 from lptfl.flower.strategy import RoundDriver, RoundOutcome  # noqa: E402
-from lptfl.sim.config import RunConfig  # noqa: E402
-from lptfl.sim.results import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 

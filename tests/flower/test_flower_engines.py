@@ -18,11 +18,17 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from lptfl.experiment.results import read_metrics  # noqa: E402
 from lptfl.flower.local import (  # noqa: E402
-    FEDERATION, LocalFederation, _signal_group, _tool, flower_env, free_ports, make_certificates,
+    FEDERATION,
+    LocalFederation,
+    _signal_group,
+    _tool,
+    flower_env,
+    free_ports,
+    make_certificates,
     make_supernode_key,
 )
-from lptfl.sim.results import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "model-width=8 compile='off' batch-size=64 frac=1.0"
@@ -111,9 +117,9 @@ def test_simulation_engine_two_rounds(tmp_path: Path):
 @pytest.mark.slow
 def test_supernode_authentication(tmp_path: Path):
     """A registered SuperNode completes a round; an unregistered one is refused."""
+    from lptfl.experiment.config import RunConfig
     from lptfl.flower.config import FlowerOptions, to_flower_config
     from lptfl.flower.local import write_app
-    from lptfl.sim.config import RunConfig
 
     keys = tmp_path / "keys"
     good, bad = make_supernode_key(keys, "node-0"), make_supernode_key(keys, "intruder")

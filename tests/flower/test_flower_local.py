@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from lptfl.sim.results import read_metrics  # noqa: E402
+from lptfl.experiment.results import read_metrics  # noqa: E402
 
 PATTERN = "flower-superlink|flower-supernode|flower-superexec|flwr-serverapp|flwr-clientapp"
 SMALL = ["--dataset", "digits", "--model_width", "16", "--frac", "1.0", "--batch_size", "64", "--compile", "off"]
@@ -87,9 +87,9 @@ def test_killed_supernode_is_counted_and_the_run_completes(tmp_path: Path):
         pytest.skip("waits out a round timeout; set LPTFL_FLOWER_FULL=1")
     import signal
 
+    from lptfl.experiment.config import RunConfig
     from lptfl.flower.config import FlowerOptions, to_flower_config
     from lptfl.flower.local import LocalFederation, write_app
-    from lptfl.sim.config import RunConfig
 
     before = flower_pids()
     out = tmp_path / "out"

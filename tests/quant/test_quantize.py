@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import reference_quantize_nearest
 
 from lptfl.quant import BFPFormat, quantize
 from lptfl.quant.quantize import block_amax, block_exponent
-from reference import reference_quantize_nearest
 
 formats = st.builds(
     BFPFormat,

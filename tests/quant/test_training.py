@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lptfl.models import ConvNet, MLP, resnet8
+from lptfl.models import MLP, ConvNet, resnet8
 from lptfl.quant import (
     BFPFormat,
     LowPrecisionOptimizer,
@@ -13,7 +13,12 @@ from lptfl.quant import (
     quantizers_of,
     reseed_quantizers,
 )
-from lptfl.quant.compute import BF16Conv2d, BF16Linear, enable_bf16_compute, fast_bf16_available
+from lptfl.quant.compute import (
+    BF16Conv2d,
+    BF16Linear,
+    enable_bf16_compute,
+    fast_bf16_available,
+)
 from lptfl.quant.quantize import block_amax, block_exponent
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lptfl.cli import main
+from lptfl.experiment.config import RunConfig
 from lptfl.sim import checkpoint as ckpt
 from lptfl.sim import runner
-from lptfl.sim.config import RunConfig
 from lptfl.sim.runner import OutputExistsError, prepare_output, run_experiment
 
 ARGS = ["--compile", "off", "--model_width", "8", "--c_rounds", "4", "--num_clients", "4", "--frac", "0.5",
@@ -189,8 +189,12 @@ def test_checkpoint_files_are_safe_and_atomic(tmp_path):
 
 def test_algorithm_state_survives_a_checkpoint(tmp_path):
     """Server-optimizer momentum and FedBN's per-client state are part of the checkpoint."""
-    from lptfl.sim.checkpoint import load_checkpoint, restore_simulation, save_checkpoint
-    from lptfl.sim.config import RunConfig
+    from lptfl.experiment.config import RunConfig
+    from lptfl.sim.checkpoint import (
+        load_checkpoint,
+        restore_simulation,
+        save_checkpoint,
+    )
     from lptfl.sim.engine import Simulation
 
     threads = torch.get_num_threads()

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from lptfl import codec
+from lptfl.experiment.config import RunConfig
+from lptfl.experiment.setup import client_fails, sample_clients
 from lptfl.fl.robust import CoordinateWise, update_distance
 from lptfl.fl.server import Server, ServerConfig
-from lptfl.sim.config import RunConfig
-from lptfl.sim.engine import Simulation, client_fails, sample_clients
+from lptfl.sim.engine import Simulation
 
 
 @pytest.fixture(autouse=True)

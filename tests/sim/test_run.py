@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lptfl.cli import main
-from lptfl.sim.config import RunConfig
-from lptfl.sim.engine import Simulation, sample_clients
+from lptfl.experiment.config import RunConfig
+from lptfl.experiment.setup import sample_clients
+from lptfl.sim.engine import Simulation
 from lptfl.sim.runner import run_experiment
 
 FAST = dict(compile="off", model_width=8, num_clients=4, frac=0.5, epochs=1, batch_size=32)

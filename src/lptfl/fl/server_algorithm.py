@@ -32,7 +32,7 @@ class ServerAlgorithm:
     """Server-side state and hooks of the run's FL algorithm.
 
     Args:
-        config: the run's settings (a :class:`lptfl.sim.config.RunConfig`).
+        config: the run's settings (a :class:`lptfl.experiment.config.RunConfig`).
         server: the aggregation server to configure.
         model: the run's model (names of its parameters and batch norms, its classifier head).
         num_classes: classes of the task.

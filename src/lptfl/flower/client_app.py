@@ -22,6 +22,8 @@ from flwr.clientapp import ClientApp
 
 from lptfl import codec
 from lptfl.data import load_dataset
+from lptfl.experiment.config import RunConfig
+from lptfl.experiment.setup import build_run_model, derive_seed, split_clients
 from lptfl.fl import LocalTrainer, full_precision_names
 from lptfl.fl.algorithms import batchnorm_names, proximal_regularizer
 from lptfl.fl.ensemble import label_counts
@@ -29,8 +31,6 @@ from lptfl.fl.fedgen import FeatureGenerator, FedGenObjective
 from lptfl.flower.config import from_flower_config
 from lptfl.flower.payload import PAYLOAD_RECORD, from_record, to_record
 from lptfl.flower.strategy import CONFIG_RECORD, GENERATOR_RECORD, METRICS_RECORD
-from lptfl.sim.config import RunConfig
-from lptfl.sim.engine import build_run_model, derive_seed, split_clients
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The Flower run config <-> :class:`~lptfl.sim.config.RunConfig` (no Flower import here).
+"""The Flower run config <-> :class:`~lptfl.experiment.config.RunConfig` (no Flower import here).
 
 A Flower run config is a flat mapping of scalars. Every :class:`RunConfig` field is a key,
 spelled with dashes (``c-rounds``, ``model-width``; the underscore spelling is accepted too),
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lptfl.sim.config import RunConfig
+from lptfl.experiment.config import RunConfig
 
 
 @dataclass

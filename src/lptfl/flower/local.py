@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lptfl.experiment.config import RunConfig
 from lptfl.flower.config import FlowerOptions, to_flower_config
-from lptfl.sim.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ def run_local(
     """
     from dataclasses import replace
 
-    from lptfl.sim.results import SUMMARY, read_metrics
+    from lptfl.experiment.results import SUMMARY, read_metrics
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lptfl.sim.engine import RoundMetrics
+from lptfl.experiment.results import RoundMetrics
 
 
 @dataclass
 class FlowerRoundMetrics(RoundMetrics):
-    """:class:`~lptfl.sim.engine.RoundMetrics` plus the federation's view.
+    """:class:`~lptfl.experiment.results.RoundMetrics` plus the federation's view.
 
     ``clients`` are the partition ids whose updates were accepted; ``failed`` counts the
     sampled nodes without a usable reply and ``failed_clients`` lists their node ids;

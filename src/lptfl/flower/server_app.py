@@ -1,11 +1,11 @@
 """The Flower ``ServerApp``: LPT-FL rounds over a Flower federation.
 
-The same objects as the in-process simulator (:mod:`lptfl.sim.engine`): the model and its
+The same objects as the in-process simulator (:mod:`lptfl.experiment.setup`): the model and its
 initialisation (``build_run_model``), the precision policy (``RunConfig.policy()``), the
 aggregation server (:class:`lptfl.fl.Server`), client sampling (``sample_clients``, over the
 SuperNodes' partition ids), the learning-rate schedule, the FL algorithm's server side
 (:class:`lptfl.fl.server_algorithm.ServerAlgorithm`), central evaluation (``evaluate``)
-and the result files (:mod:`lptfl.sim.results`). Byte counts are the lengths of the payloads
+and the result files (:mod:`lptfl.experiment.results`). Byte counts are the lengths of the payloads
 that were actually sent and received.
 """
 
@@ -20,14 +20,16 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from lptfl.data import load_dataset
-from lptfl.fl import Server, evaluate, full_precision_names
-from lptfl.fl.algorithms import accuracy_scorer
-from lptfl.fl.server_algorithm import ServerAlgorithm
-from lptfl.flower.config import FlowerOptions, from_flower_config
-from lptfl.flower.metrics import FlowerRoundMetrics
-from lptfl.flower.strategy import METRICS_RECORD, QUERY, RoundDriver, exchange
-from lptfl.sim.config import RunConfig
-from lptfl.sim.engine import (
+from lptfl.experiment.config import RunConfig
+from lptfl.experiment.results import (
+    METRICS,
+    SUMMARY,
+    append_metrics,
+    read_metrics,
+    summarize,
+    write_summary,
+)
+from lptfl.experiment.setup import (
     build_run_model,
     derive_seed,
     learning_rate,
@@ -35,7 +37,12 @@ from lptfl.sim.engine import (
     split_clients,
     validation_data,
 )
-from lptfl.sim.results import METRICS, SUMMARY, append_metrics, read_metrics, summarize, write_summary
+from lptfl.fl import Server, evaluate, full_precision_names
+from lptfl.fl.algorithms import accuracy_scorer
+from lptfl.fl.server_algorithm import ServerAlgorithm
+from lptfl.flower.config import FlowerOptions, from_flower_config
+from lptfl.flower.metrics import FlowerRoundMetrics
+from lptfl.flower.strategy import METRICS_RECORD, QUERY, RoundDriver, exchange
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from lptfl.sim.config import RunConfig
+from lptfl.experiment.config import RunConfig
 
 if TYPE_CHECKING:
     from lptfl.sim.engine import Simulation

@@ -10,13 +10,28 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lptfl.sim.checkpoint import (
-    CHECKPOINT, CONFIG, CheckpointError, load_checkpoint, remove_checkpoints, restore_simulation, save_checkpoint,
-    truncate_metrics, write_config,
+from lptfl.experiment.config import RunConfig
+from lptfl.experiment.results import (
+    CURVES,
+    METRICS,
+    SUMMARY,
+    append_metrics,
+    read_metrics,
+    summarize,
+    write_summary,
 )
-from lptfl.sim.config import RunConfig
+from lptfl.sim.checkpoint import (
+    CHECKPOINT,
+    CONFIG,
+    CheckpointError,
+    load_checkpoint,
+    remove_checkpoints,
+    restore_simulation,
+    save_checkpoint,
+    truncate_metrics,
+    write_config,
+)
 from lptfl.sim.engine import Simulation
-from lptfl.sim.results import CURVES, METRICS, SUMMARY, append_metrics, read_metrics, summarize, write_summary
 
 log = logging.getLogger(__name__)
 

@@ -6,16 +6,41 @@ import json
 import os
 import platform
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lptfl.sim.config import RunConfig
-from lptfl.sim.engine import RoundMetrics
+from lptfl.experiment.config import RunConfig
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
 LAST_ROUNDS = 5
+
+
+@dataclass
+class RoundMetrics:
+    """One line of ``metrics.jsonl``. Accuracy is a fraction in [0, 1]; bytes are payload lengths."""
+
+    round: int
+    train_loss: float
+    test_accuracy: float
+    test_loss: float
+    bytes_up: int
+    bytes_down: int
+    bytes_up_per_client: list[int]
+    bytes_down_per_client: int
+    clients: list[int]
+    accepted: int
+    rejected: int
+    lr: float
+    round_time_s: float
+    wall_time_s: float
+    rejected_reasons: list[str] = field(default_factory=list)
+    failed: int = 0
+    failed_clients: list[int] = field(default_factory=list)
+    rejected_norm: int = 0
+    skipped: bool = False
+    vote_accuracy: float | None = None  # fedbn: majority vote of the participants' models
 
 
 def append_metrics(out_dir: Path, metrics: RoundMetrics) -> None:

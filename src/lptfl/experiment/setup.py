@@ -1,0 +1,95 @@
+"""What every driver of a run derives from its config: seeds, client sampling, dropouts, the
+learning-rate schedule, the clients' partition (and ABAvg's validation split), the model.
+
+The simulator (:mod:`lptfl.sim`) and the Flower apps (:mod:`lptfl.flower`) both call these, so
+the same config gives the same clients, data and initial model under either driver.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from lptfl.data import Dataset, dirichlet_partition, iid_partition
+from lptfl.experiment.config import RunConfig
+from lptfl.fl.algorithms import validation_split
+from lptfl.models import build_model
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. ``(seed, round, client)``), stable across runs."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def sample_clients(num_clients: int, frac: float, seed: int, round_index: int) -> list[int]:
+    """``max(1, round(frac * num_clients))`` distinct clients, uniformly without replacement."""
+    m = max(1, int(round(frac * num_clients)))
+    rng = np.random.default_rng(derive_seed(seed, round_index, 0x5A))
+    return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
+
+
+def client_fails(seed: int, round_index: int, client: int, probability: float) -> bool:
+    """Whether sampled ``client`` fails to reply in ``round_index`` (``--dropout``): a draw from
+    ``derive_seed(seed, round, client, tag)``, so it is reproducible and independent of history."""
+    if probability <= 0:
+        return False
+    return derive_seed(seed, round_index, client, 0xD0) / float(1 << 63) < probability
+
+
+def learning_rate(base: float, schedule: str, round_index: int, rounds: int) -> float:
+    """Learning rate of round ``round_index`` (1-based): constant, cosine to 0, or x0.1 at 50% and 75%."""
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * (round_index - 1) / rounds))
+    if schedule == "step":
+        return base * (0.1 ** sum(round_index > f * rounds for f in (0.5, 0.75)))
+    return base
+
+
+def partition_data(config: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """Client index arrays by ``config.partition``."""
+    if config.num_clients > len(labels):
+        raise ValueError(
+            f"--num_clients {config.num_clients} exceeds the {len(labels)} training samples of {config.dataset}"
+        )
+    if config.partition == "iid":
+        return iid_partition(len(labels), config.num_clients, seed=config.seed)
+    return dirichlet_partition(
+        labels, config.num_clients, config.alpha, seed=config.seed, balance=config.partition == "dirichlet"
+    )
+
+
+def split_clients(config: RunConfig, labels: np.ndarray) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """``(client index arrays into the training set, server validation indices or None)``.
+
+    ABAvg (unless it scores on the test set) holds a validation split out of the training set
+    first, and the clients share the rest; every other mode partitions the whole set.
+    """
+    if config.aggregation_mode == "abavg" and not config.abavg_use_test_set:
+        pool, val = validation_split(len(labels), config.abavg_val_fraction, config.seed)
+        return [pool[p] for p in partition_data(config, labels[pool])], val
+    return partition_data(config, labels), None
+
+
+def validation_data(config: RunConfig, data: Dataset, val: np.ndarray | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """ABAvg's server-held ``(x, y)``: the held-out ``val`` rows, or the test set when
+    ``--abavg_use_test_set``; ``(None, None)`` for the other modes."""
+    if config.aggregation_mode != "abavg":
+        return None, None
+    if config.abavg_use_test_set:
+        return data.test_x, data.test_y
+    index = torch.from_numpy(val)
+    return data.train_x[index], data.train_y[index]
+
+
+def build_run_model(config: RunConfig, data: Dataset) -> torch.nn.Module:
+    """The model of the run, with parameters initialised from ``config.seed``."""
+    channels, height, _ = data.input_shape
+    options = {"width": config.model_width} if config.model_width and config.model_name.lower() == "convnet" else {}
+    if config.model_norm and config.model_name.lower() == "convnet":
+        options["norm"] = config.model_norm
+    if config.model_width and config.model_name.lower() == "mlp":
+        options = {"hidden": config.model_width}
+    torch.manual_seed(derive_seed(config.seed, 0x11))
+    return build_model(config.model_name, channels, data.num_classes, height, **options)
