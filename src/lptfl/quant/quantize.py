@@ -48,15 +48,29 @@ def block_amax(x: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
     return x.abs().amax(dim=dims, keepdim=True)
 
 
-def quantize_with_key(x: torch.Tensor, fmt: BFPFormat, key: torch.Tensor | None) -> torch.Tensor:
-    """:func:`quantize` with an explicit int32 rounding key (``None`` for nearest rounding)."""
-    xf = x.to(torch.float32)
+def block_factors(xf: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
+    """The per-block scale factors of float32 ``xf``, stacked: ``(4, *keepdim block shape)``.
+
+    ``[up_low, up_high, down_low, down_high]``: ``x * up_low * up_high`` is the unrounded
+    mantissa and ``q * down_low * down_high`` the value of mantissa ``q`` (each scale split into
+    two normal float32 factors). ``down_low`` is NaN for a block holding a NaN or an infinity.
+    Stacking realises the factors as one small buffer, so a fused kernel reads them instead of
+    recomputing them from the block maximum for every vector of elements.
+    """
     amax = block_amax(xf, fmt)
     shift = (fmt.bits - 2) - block_exponent(amax, fmt)
     low = shift.clamp(_LOW_MIN, _LOW_MAX)
     high = shift - low
-    q = xf * _pow2(low)  # a new tensor: the in-place steps below never touch x
-    q.mul_(_pow2(high))
+    nan_or_one = torch.where(torch.isfinite(amax), 1.0, torch.nan)
+    return torch.stack([_pow2(low), _pow2(high), _pow2(-low) * nan_or_one, _pow2(-high)])
+
+
+def quantize_with_key(x: torch.Tensor, fmt: BFPFormat, key: torch.Tensor | None) -> torch.Tensor:
+    """:func:`quantize` with an explicit int32 rounding key (``None`` for nearest rounding)."""
+    xf = x.to(torch.float32)
+    factors = block_factors(xf, fmt)
+    q = xf * factors[0]  # a new tensor: the in-place steps below never touch x
+    q.mul_(factors[1])
     if fmt.rounding == "nearest":
         q.round_()
     else:
@@ -64,8 +78,7 @@ def quantize_with_key(x: torch.Tensor, fmt: BFPFormat, key: torch.Tensor | None)
             raise ValueError("stochastic rounding needs a key")
         q.add_(hashed_uniform_like(q, key)).floor_()
     q.clamp_(fmt.mantissa_min, fmt.mantissa_max).add_(0.0)  # + 0.0 turns -0.0 into +0.0
-    q.mul_(_pow2(-low)).mul_(_pow2(-high))
-    q = torch.where(torch.isfinite(amax), q, torch.nan)
+    q.mul_(factors[2]).mul_(factors[3])  # NaN for a non-finite block
     return q.to(x.dtype)
 
 
