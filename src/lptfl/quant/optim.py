@@ -70,7 +70,9 @@ class LowPrecisionOptimizer:
         if self.weight_format is None or not params:
             return
         keys = self._keys(self.weight_format, len(params), params[0].device)
-        torch._foreach_copy_(params, self._quantize_all(params, self.weight_format, keys))
+        # plain tensors, like the gradients: the compiled function is shared, not specialised twice
+        detached = [p.detach() for p in params]
+        torch._foreach_copy_(params, self._quantize_all(detached, self.weight_format, keys))
 
     @torch.no_grad()
     def quantize_grads(self) -> None:
