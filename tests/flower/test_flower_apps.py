@@ -287,3 +287,24 @@ def test_algorithms_on_flower_match_the_simulator(tmp_path, extra):
         assert all(client_app.LOCAL_STATE in grid.contexts[n].state for n in grid.contexts)
     if config.aggregation_mode == "fedgen":
         assert all("fedgen-generator" in m.content.array_records for m in grid.sent if m.metadata.message_type == "train")
+
+
+def test_bad_label_counts_are_rejected_without_touching_the_model():
+    """FedFTG needs each update's label counts: a reply with malformed counts is refused."""
+    config = small_config(aggregation_mode="fedftg", fedftg_iterations=1)
+    run = FlowerRun(config, FlowerOptions())
+    driver: RoundDriver = run.driver
+    messages, down_len = driver.train_messages([100, 101, 102], 1, 1e-3)
+    for m in messages:
+        m.metadata.__dict__["_message_id"] = m.object_id
+    payload = to_record(run.server.downlink())  # a well-formed model payload
+    bad_counts = ([1, 2], [-1] * 10, [1.5] * 10)
+    replies = {
+        m.metadata.message_id: Message(RecordDict({"payload": payload, "metrics": MetricRecord(
+            {"num-samples": 5, "train-loss": 1.0, "partition-id": i, "label-counts": counts})}), reply_to=m)
+        for i, (m, counts) in enumerate(zip(messages, bad_counts))
+    }
+    outcome = RoundOutcome(round=1, sent=3, bytes_down_per_client=down_len)
+    outcome = driver.aggregate(outcome, {m.metadata.message_id: m.metadata.dst_node_id for m in messages}, replies)
+    assert outcome.accepted == 0 and outcome.rejected == 3 and outcome.skipped
+    assert all("label-counts" in reason for reason in outcome.reasons)
