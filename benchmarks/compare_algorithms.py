@@ -20,7 +20,8 @@ from pathlib import Path
 from reproduce_paper import CONFIGS, PAPER_SETTING
 
 from lptfl.grid import GridRun, run_grid
-from lptfl.report import describe, plot_curves
+from lptfl.experiment.results import read_metrics
+from lptfl.report import describe, plot_curves, table
 
 MODES = ("fedavg", "fedprox", "abavg", "fedgen", "fedftg", "fedbn")
 COMPARED = ("q8-avg", "fp32-noavg")
@@ -30,10 +31,16 @@ PAPER = {"fedavg": (80.1, 79.5), "fedprox": (83.0, 81.1), "abavg": (80.7, 78.4),
 MODE_FLAGS = {"fedbn": ["--model_norm", "batchnorm"]}
 
 
-def write_table(out: Path, runs: list[GridRun], alpha: float) -> None:
+def run_dirs(out: Path) -> list[Path]:
+    """Every comparison run with results under ``out``, in table order."""
+    return [out / f"{m}-{c}" for m in MODES for c in COMPARED if (out / f"{m}-{c}" / "metrics.jsonl").exists()]
+
+
+def write_table(out: Path, alpha: float) -> None:
+    """``table.md`` from every run under ``out`` (whichever invocation ran it)."""
     rows = ["| algorithm | rounds | 8-bit w/ avg (%) | 32-bit w/o avg (%) | paper, 200 rounds (8-bit w/ avg vs 32-bit w/o avg) |",
             "| --- | --- | --- | --- | --- |"]
-    for mode in dict.fromkeys(r.run_dir.name.rsplit("-", 2)[0] for r in runs):
+    for mode in dict.fromkeys(d.name.rsplit("-", 2)[0] for d in run_dirs(out)):
         cells, rounds = [], set()
         for config in COMPARED:
             run_dir = out / f"{mode}-{config}"
@@ -51,7 +58,17 @@ def write_table(out: Path, runs: list[GridRun], alpha: float) -> None:
         f"# FL algorithms on Fashion-MNIST, alpha {alpha}: test accuracy of the served model\n\n"
         "Mean +- std over the last 5 rounds run (all of them when fewer). The paper's figures come from\n"
         "200 rounds; ours from the rounds listed, so they show the start of training only.\n\n"
-        + "\n".join(rows) + "\n")
+        + "\n".join(rows) + "\n\n## Runs\n\n" + table(run_dirs(out))
+        + "\n\n## Seconds per round (two or more runs shared the 2 CPU cores)\n\n" + round_times(out) + "\n")
+
+
+def round_times(out: Path) -> str:
+    """Seconds per round of each run (the runs shared the CPU, so compare them with care)."""
+    lines = ["| run | round times (s) |", "| --- | --- |"]
+    for run_dir in run_dirs(out):
+        times = ", ".join(f"{r['round_time_s']:.0f}" for r in read_metrics(run_dir))
+        lines.append(f"| {run_dir.name} | {times} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -63,6 +80,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (they share the CPU threads)")
+    parser.add_argument("--table_only", action="store_true", help="only rewrite table.md and curves.png")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -76,11 +94,14 @@ def main() -> None:
             runs.append(GridRun(args.out / f"{mode}-{config}", tuple(flags)))
 
     def refresh() -> None:
-        present = [r for r in runs if (r.run_dir / "metrics.jsonl").exists()]
+        present = run_dirs(args.out)
         if present:
-            write_table(args.out, present, args.alpha)
-            plot_curves([r.run_dir for r in present], args.out / "curves.png")
+            write_table(args.out, args.alpha)
+            plot_curves(present, args.out / "curves.png")
 
+    if args.table_only:
+        refresh()
+        return
     try:
         run_grid(runs, args.rounds, parallel=args.parallel, after_each=refresh)
     finally:
