@@ -38,22 +38,25 @@ def run_dirs(out: Path) -> list[Path]:
 
 def write_table(out: Path, alpha: float) -> None:
     """``table.md`` from every run under ``out`` (whichever invocation ran it)."""
-    rows = ["| algorithm | rounds | 8-bit w/ avg (%) | 32-bit w/o avg (%) | paper, 200 rounds (8-bit w/ avg vs 32-bit w/o avg) |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = ["| algorithm | rounds | 8-bit w/ avg (%) | 32-bit w/o avg (%) | after round 1: 8-bit w/ avg vs 32-bit w/o avg (%) "
+            "| paper, 200 rounds (8-bit w/ avg vs 32-bit w/o avg) |",
+            "| --- | --- | --- | --- | --- | --- |"]
     for mode in dict.fromkeys(d.name.rsplit("-", 2)[0] for d in run_dirs(out)):
-        cells, rounds = [], set()
+        cells, first, rounds = [], [], set()
         for config in COMPARED:
             run_dir = out / f"{mode}-{config}"
             if (run_dir / "metrics.jsonl").exists():
                 row = describe(run_dir)
                 rounds.add(row["rounds"])
                 cells.append(f"{row['mean']:.1f} +- {row['std']:.1f}")
+                first.append(f"{100 * read_metrics(run_dir)[0]['test_accuracy']:.1f}")
             else:
                 cells.append("-")
+                first.append("-")
         paper = PAPER.get(mode)
         paper_text = f"{paper[0]:.1f} vs {paper[1]:.1f}" if paper else "- (not in the paper's table)"
         rounds_text = "/".join(str(r) for r in sorted(rounds)) or "0"
-        rows.append(f"| {mode} | {rounds_text} | {cells[0]} | {cells[1]} | {paper_text} |")
+        rows.append(f"| {mode} | {rounds_text} | {cells[0]} | {cells[1]} | {first[0]} vs {first[1]} | {paper_text} |")
     (out / "table.md").write_text(
         f"# FL algorithms on Fashion-MNIST, alpha {alpha}: test accuracy of the served model\n\n"
         "Mean +- std over the last 5 rounds run (all of them when fewer). The paper's figures come from\n"
