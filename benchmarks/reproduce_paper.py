@@ -3,7 +3,9 @@
 Run (CPU, hours):
     python benchmarks/reproduce_paper.py --data_path ../shared/data --out results/fmnist-a0.01
 Run on a GPU machine and bring everything back as one archive:
-    python benchmarks/reproduce_paper.py --data_path data --device cuda --archive results.tar.gz
+    python benchmarks/reproduce_paper.py --data_path data --device cuda --parallel 3 \
+        --checkpoint_every 10 --archive results.tar.gz
+or, under a time limit, ``bash benchmarks/reproduce_on_gpu.sh`` (it stops the runs cleanly and packs them).
 
 Each configuration runs in its own ``lptfl run`` process into ``<out>/<config>[-s<seed>]/`` with a
 checkpoint every round (:mod:`lptfl.grid`). Finished runs (summary.json with all rounds) are
@@ -72,9 +74,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--seeds", default="0", help="comma-separated; seed 0 runs go in <config>/, others in <config>-s<seed>/")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                        help="passed to each run (also to resumed ones): torch.compile of the training step")
     parser.add_argument("--parallel", type=int, default=1,
                         help="runs at once (they share the CPU threads); e.g. 3 to advance the key runs together")
-    parser.add_argument("--archive", type=Path, help="also pack the result files (no checkpoints) into this .tar.gz")
+    parser.add_argument("--checkpoint_every", type=int, default=1,
+                        help="rounds between checkpoints (a stop signal always checkpoints first); "
+                             "raise it where rounds take seconds, e.g. 10 on a GPU")
+    parser.add_argument("--archive", type=Path,
+                        help="also pack the result files (no checkpoints) into this .tar.gz, even when interrupted")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +92,7 @@ def main() -> None:
             if name not in CONFIGS:
                 raise SystemExit(f"unknown config {name!r}; expected one of {', '.join(CONFIGS)}")
             flags = [*PAPER_SETTING, *CONFIGS[name], "--alpha", str(args.alpha), "--seed", str(seed),
-                     "--data_path", args.data_path, "--device", args.device]
+                     "--data_path", args.data_path, "--device", args.device, "--compile", args.compile]
             runs.append(GridRun(args.out / (name if seed == 0 else f"{name}-s{seed}"), tuple(flags)))
 
     def refresh() -> None:
@@ -94,11 +102,15 @@ def main() -> None:
             plot_curves(present, args.out / "curves.png")
 
     try:
-        run_grid(runs, args.rounds, parallel=args.parallel, after_each=refresh)
+        run_grid(runs, args.rounds, parallel=args.parallel, after_each=refresh,
+                 checkpoint_every=args.checkpoint_every)
+    except KeyboardInterrupt:
+        log.warning("interrupted: each run finished its round and saved a checkpoint; the same command continues")
+        raise SystemExit(130) from None
     finally:
         refresh()
-    if args.archive is not None:
-        archive(args.out, args.archive)
+        if args.archive is not None:
+            archive(args.out, args.archive)
 
 
 if __name__ == "__main__":

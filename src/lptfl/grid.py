@@ -22,6 +22,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# Flags a resumed run takes from the grid (where the data are, where it runs); all else is the run's own.
+RESUME_OVERRIDES = ("--device", "--data_path", "--compile")
 RESULT_FILES = frozenset({"metrics.jsonl", "summary.json", "config.json", "table.md", "curves.png"})
 
 
@@ -41,18 +43,27 @@ def rounds_done(run_dir: Path) -> int:
     return 0
 
 
-def run_command(run: GridRun, rounds: int) -> list[str] | None:
-    """The command that starts or resumes ``run`` to ``rounds`` rounds; None when it is done."""
+def run_command(run: GridRun, rounds: int, checkpoint_every: int = 1) -> list[str] | None:
+    """The command that starts or resumes ``run`` to ``rounds`` rounds; None when it is done.
+
+    ``checkpoint_every`` applies to a run's start (a resumed run keeps its saved setting); a
+    resumed run takes ``--device``, ``--data_path`` and ``--compile`` from the grid's flags, so a
+    run started on one machine continues on another.
+    """
     if rounds_done(run.run_dir) >= rounds:
         return None
     if (run.run_dir / "config.json").exists():
-        return [sys.executable, "-m", "lptfl", "run", "--resume", str(run.run_dir), "--c_rounds", str(rounds), "--quiet"]
+        overrides = [part for i, flag in enumerate(run.flags[:-1]) if flag in RESUME_OVERRIDES
+                     for part in (flag, run.flags[i + 1])]
+        return [sys.executable, "-m", "lptfl", "run", "--resume", str(run.run_dir), *overrides,
+                "--c_rounds", str(rounds), "--quiet"]
     return [sys.executable, "-m", "lptfl", "run", *run.flags, "--c_rounds", str(rounds), "--out", str(run.run_dir),
-            "--checkpoint_every", "1", "--quiet"]
+            "--checkpoint_every", str(checkpoint_every), "--quiet"]
 
 
 def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
-             after_each: Callable[[], None] | None = None, poll_s: float = 2.0) -> None:
+             after_each: Callable[[], None] | None = None, poll_s: float = 2.0,
+             checkpoint_every: int = 1) -> None:
     """Bring every run of ``runs`` to ``rounds`` rounds, ``parallel`` at a time.
 
     Args:
@@ -61,6 +72,8 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
         parallel: processes at once; each gets ``max(1, cpus // parallel)`` threads.
         after_each: called after each process ends (e.g. to rewrite a table).
         poll_s: seconds between checks of the running processes.
+        checkpoint_every: rounds between checkpoints of a starting run (an interrupted run
+            loses at most this many rounds; a stop signal always checkpoints first).
 
     Raises:
         RuntimeError: a run's process failed (the others are left to finish first).
@@ -76,7 +89,7 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
         while pending or active:
             while pending and len(active) < parallel:
                 run = pending.pop(0)
-                command = run_command(run, rounds)
+                command = run_command(run, rounds, checkpoint_every)
                 if command is None:
                     log.info("%s: finished already, skipped", run.run_dir.name)
                     continue

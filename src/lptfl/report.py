@@ -19,8 +19,11 @@ def describe(run_dir: Path) -> dict:
     """Precision, averaging, alpha and final accuracy (mean +- std of the last 5 rounds, %) of one run."""
     run_dir = Path(run_dir)
     rounds = read_metrics(run_dir)
-    summary_path = run_dir / "summary.json"
-    config = json.loads(summary_path.read_text())["config"] if summary_path.exists() else {}
+    summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
+    if summary_path.exists():
+        config = json.loads(summary_path.read_text())["config"]
+    else:  # a run still going or interrupted: its saved settings
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
     last = [100 * r["test_accuracy"] for r in rounds[-LAST_ROUNDS:]]
     bits = config.get("quantization_bits", 32) if config.get("use_quantization") else 32
     return {

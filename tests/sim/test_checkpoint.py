@@ -111,6 +111,8 @@ def test_sigterm_finishes_the_round_checkpoints_and_resumes_exactly(interrupted)
     saved = ckpt.load_checkpoint(dirs["terminated"])
     assert 1 <= lines < 4 and saved.round == saved.metrics_lines == lines
     assert (dirs["terminated"] / "metrics.jsonl").read_bytes().endswith(b"\n")
+    partial = json.loads((dirs["terminated"] / "summary.json").read_text())  # the rounds so far, for tables
+    assert partial["rounds"] == lines < partial["config"]["c_rounds"] and partial["machine"]["device"] == "cpu"
     assert main(["run", "--resume", str(dirs["terminated"]), "--quiet"]) == 0  # in-process this time
     assert rounds_without_timings(dirs["terminated"]) == rounds_without_timings(dirs["reference"])
     assert_same_final_state(dirs["terminated"], dirs["reference"])

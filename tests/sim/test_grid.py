@@ -34,3 +34,15 @@ def test_grid_reports_a_failed_run(tmp_path):
         run_grid([GridRun(tmp_path / "bad", ("--alpha", "-1"))], 1, poll_s=0.1)
     with pytest.raises(ValueError, match="parallel"):
         run_grid([], 1, parallel=0)
+
+
+def test_run_command_sets_checkpoints_and_carries_where_a_resumed_run_runs(tmp_path):
+    run = GridRun(tmp_path / "r", ("--alpha", "0.1", "--device", "cuda", "--data_path", "d", "--seed", "3"))
+    start = run_command(run, 5, checkpoint_every=10)
+    assert start[start.index("--checkpoint_every") + 1] == "10" and "--alpha" in start
+    run.run_dir.mkdir()
+    (run.run_dir / "config.json").write_text("{}")
+    resume = run_command(run, 5)
+    assert resume[resume.index("--resume") + 1] == str(run.run_dir)
+    assert resume[resume.index("--device") + 1] == "cuda" and resume[resume.index("--data_path") + 1] == "d"
+    assert "--alpha" not in resume and "--seed" not in resume  # the run's own settings come from its folder

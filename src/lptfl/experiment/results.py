@@ -9,6 +9,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from lptfl.experiment.config import RunConfig
 
 METRICS = "metrics.jsonl"
@@ -76,8 +78,17 @@ def summarize(config: RunConfig, rounds: list[dict], *, wall_time_s: float) -> d
         "failed_clients_total": sum(r.get("failed", 0) for r in rounds),
         "skipped_rounds": [r["round"] for r in rounds if r.get("skipped")],
         "wall_time_s": wall_time_s,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": machine(config.device),
     }
+
+
+def machine(device: str) -> dict:
+    """Where a run ran: platform, processor, CPU count, torch version and, on CUDA, the GPU's name."""
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "device": device}
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        info["accelerator"] = torch.cuda.get_device_name(torch.device(device))
+    return info
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:

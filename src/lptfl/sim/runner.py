@@ -74,7 +74,8 @@ def run_experiment(
     Every ``config.checkpoint_every`` rounds (and after the last) the state is checkpointed
     (:mod:`lptfl.sim.checkpoint`). With ``resume`` the run in ``out_dir`` continues from its
     checkpoint (``config`` must have its fingerprint). SIGINT/SIGTERM finish the current round,
-    write its metrics line and a checkpoint, then raise :class:`RunInterrupted`.
+    write its metrics line, a checkpoint and the summary of the rounds so far (``rounds`` below
+    ``config.c_rounds``), then raise :class:`RunInterrupted`.
 
     Returns:
         The summary (also written to ``out_dir/summary.json``).
@@ -129,9 +130,8 @@ def run_experiment(
                 save_checkpoint(out_dir, sim, metrics_lines=lines)
             bar.update(1)
             bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.train_loss:.3f}")
-            if stop and sim.round < config.c_rounds:
-                bar.close()
-                raise RunInterrupted(stop["signum"], sim.round, out_dir)
+            if stop:
+                break
         bar.close()
     finally:
         for signum, handler in previous.items():
@@ -139,4 +139,6 @@ def run_experiment(
     summary = summarize(config, read_metrics(out_dir), wall_time_s=sim.wall_time_s)
     write_summary(out_dir, summary)
     plot_curves([out_dir], out_dir / CURVES)
+    if sim.round < config.c_rounds:
+        raise RunInterrupted(stop["signum"], sim.round, out_dir)
     return summary

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Advance the paper's grid on a CUDA machine for at most SECONDS, then pack the result files.
+#
+# Usage: bash benchmarks/reproduce_on_gpu.sh DATA_DIR RUNS_DIR SECONDS DEST_DIR [CONFIGS] [PARALLEL]
+#
+# The runs and their checkpoints stay in RUNS_DIR, so the same command continues them (here or,
+# with reproduce_paper.py, on any machine that has RUNS_DIR). At the deadline every run finishes
+# its round, checkpoints and stops. DEST_DIR receives results.tar.gz (metrics, summaries, table,
+# curves; no checkpoints), grid.log, progress.log and cuda_tests.txt (the CUDA test cases).
+# If a compiled run fails, the grid is continued once with --compile off. DEVICE (default cuda)
+# names the device, e.g. DEVICE=cpu to try the script on a small data folder; PYTHON the
+# interpreter (default python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+data=$1 runs=$2 seconds=$3 dest=$4 configs=${5:-q8-avg,q8-noavg,fp32-noavg} parallel=${6:-3}
+device=${DEVICE:-cuda} python=${PYTHON:-python3}
+deadline=$((SECONDS + seconds))
+mkdir -p "$dest" "$runs"
+if [ "$device" = cuda ]; then
+  "$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
+fi
+"$python" -m pytest -q -m cuda -p no:cacheprovider tests/quant/test_training.py >"$dest/cuda_tests.txt" 2>&1 &
+tests=$!
+(
+  while sleep 30; do
+    for f in "$runs"/*/metrics.jsonl; do
+      [ -f "$f" ] && "$python" -c 'import json,sys; r=json.loads(open(sys.argv[1]).readlines()[-1]); print(sys.argv[2], sys.argv[1], "round", r["round"], "acc", round(r["test_accuracy"], 4), "round_s", round(r["round_time_s"], 2))' "$f" "$(date +%T)"
+    done
+  done
+) >>"$dest/progress.log" 2>&1 &
+monitor=$!
+status=1
+for compile in auto off; do
+  [ $((deadline - SECONDS)) -gt 60 ] || break
+  timeout --foreground -s INT -k 60 $((deadline - SECONDS)) "$python" benchmarks/reproduce_paper.py \
+    --data_path "$data" --out "$runs" --configs "$configs" --device "$device" --parallel "$parallel" \
+    --checkpoint_every 10 --compile "$compile" --archive "$dest/results.tar.gz" 2>&1 | tee -a "$dest/grid.log"
+  status=${PIPESTATUS[0]}
+  if [ "$status" -eq 0 ] || [ "$status" -eq 124 ]; then break; fi  # done, or the deadline (runs stopped cleanly)
+done
+kill "$monitor" 2>/dev/null
+wait "$tests"
+tail -3 "$dest/cuda_tests.txt"
+cat "$runs/table.md" 2>/dev/null
+exit "$status"
