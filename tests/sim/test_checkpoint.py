@@ -18,7 +18,7 @@ from lptfl.sim.runner import OutputExistsError, prepare_output, run_experiment
 
 ARGS = ["--compile", "off", "--model_width", "8", "--c_rounds", "4", "--num_clients", "4", "--frac", "0.5",
         "--quiet"]
-TIMINGS = ("round_time_s", "wall_time_s")
+TIMINGS = ("round_time_s", "wall_time_s", "phase_s")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # 2 shared cores: no thread oversubscription
 
 

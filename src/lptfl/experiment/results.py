@@ -43,6 +43,9 @@ class RoundMetrics:
     rejected_norm: int = 0
     skipped: bool = False
     vote_accuracy: float | None = None  # fedbn: majority vote of the participants' models
+    # seconds of the round by phase (simulator): "train" (local updates with their optimizer state),
+    # "codec" (encoding uplinks, decoding and aggregating them), "eval" (testing the served model)
+    phase_s: dict[str, float] = field(default_factory=dict)
 
 
 def append_metrics(out_dir: Path, metrics: RoundMetrics) -> None:

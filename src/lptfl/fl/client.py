@@ -18,9 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lptfl.quant import PrecisionPolicy, reseed_quantizers
-from lptfl.quant.compiled import MaybeCompiled
+from lptfl.quant.compiled import MaybeCompiled, mismatch
 
 OPTIMIZERS = ("adam", "sgd")
+# Largest relative L2 differences between the compiled and the eager first step, of the loss and of
+# all gradients together. Both use the same rounding keys, but reassociation flips some roundings
+# and the flips cascade: a 1e-6 input perturbation alone moves an 8-bit ConvNet's gradients by
+# ~3% (its biases' by ~30%). A miscompiled step (zero, scaled or unrelated gradients) differs by O(1).
+STEP_LOSS_TOLERANCE = 1e-2
+STEP_GRAD_TOLERANCE = 0.25
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
 
@@ -97,6 +103,7 @@ class LocalTrainer:
         self.optimizer = policy.wrap_optimizer(self.inner, compile=compile)
         self._forward_backward = MaybeCompiled(self._loss_and_backward, enabled=compile)
         self.compiled = compile
+        self._step_checked = not compile
         self.objective: LocalObjective | None = None
         # Per-sample models (no batch norm) pad a short last batch to full size with zero-weight
         # copies of its own samples: identical loss, gradients and activation maxima, one graph.
@@ -132,7 +139,40 @@ class LocalTrainer:
                 weight = torch.cat([weight, torch.zeros(batch_size - k, device=x.device)])
         yb = y[batch]
         extra = () if self.objective is None else self.objective.inputs(yb, generator)
+        if step is self._forward_backward and not self._step_checked:
+            self._step_checked = True
+            return self._checked_step(x[batch], yb, weight, *extra)
         return step(x[batch], yb, weight, *extra)
+
+    @staticmethod
+    def _flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
+        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
+
+    def _checked_step(self, *args: torch.Tensor) -> torch.Tensor:
+        """The first compiled step, repeated eagerly from the same state (same rounding keys).
+
+        The eager gradients are kept; the compiled step is dropped for good, with a warning, if
+        its loss or its gradients differ by more than ``STEP_LOSS_TOLERANCE`` or
+        ``STEP_GRAD_TOLERANCE``.
+        """
+        params = list(self.model.parameters())
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        loss = self._forward_backward(*args)
+        if not self._forward_backward.active:  # it failed to compile and ran eagerly
+            return loss
+        compiled = (loss, self._flat_grads(params))
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.grad.zero_()
+            for buffer, saved in zip(self.model.buffers(), buffers):
+                buffer.copy_(saved)
+        loss = self._loss_and_backward(*args)
+        why = (mismatch(compiled[0], loss, STEP_LOSS_TOLERANCE)
+               or mismatch(compiled[1], self._flat_grads(params), STEP_GRAD_TOLERANCE))
+        if why is not None:
+            self._forward_backward.disable(f"torch.compile gave a wrong training step on {self.device} ({why})")
+        return loss
 
     def train(
         self,

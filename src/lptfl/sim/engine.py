@@ -40,6 +40,8 @@ from lptfl.sim.algorithm_hooks import AlgorithmHooks
 
 log = logging.getLogger(__name__)
 
+# Relative L2 difference allowed between the compiled and the eager evaluation logits (first batch).
+EVAL_TOLERANCE = 1e-2
 _MEMORY_STATE_LIMIT = 2 << 30  # bytes of client optimizer state kept in memory under client_state="auto"
 
 
@@ -74,7 +76,7 @@ class Simulation:
         )
         self.eval_model = build_run_model(config, self.data).to(self.device)
         self.policy.prepare_model(self.eval_model, example.to(self.device))
-        self.eval_forward = MaybeCompiled(self.eval_model, enabled=compile_on)
+        self.eval_forward = MaybeCompiled(self.eval_model, enabled=compile_on, verify=EVAL_TOLERANCE)
         self.server = Server(
             initial,
             config.server_config(),
@@ -125,9 +127,11 @@ class Simulation:
         self.server.begin_round()
         loss_sum, sample_sum = 0.0, 0
         failed = [c for c in clients if client_fails(cfg.seed, round_index, c, cfg.dropout)]
+        phase = {"train": 0.0, "codec": 0.0, "eval": 0.0}
         for client in clients:
             if client in failed:  # received the model but never replied: no training, no state change
                 continue
+            mark = time.perf_counter()
             if self.store is not None:
                 self.store.load(client, self.trainer.inner)
             else:
@@ -140,18 +144,23 @@ class Simulation:
             )
             if self.store is not None:
                 self.store.save(client, self.trainer.inner)
+            phase["train"] += time.perf_counter() - mark
+            mark = time.perf_counter()
             up = codec.encode(self.algorithm.client_uplink(client, result.state), self.policy.uplink,
                               full_precision=self.algorithm.uplink_full_precision, compress=cfg.compress)
             self.server.receive(up, result.num_samples, client)
+            phase["codec"] += time.perf_counter() - mark
             loss_sum += result.loss * result.num_samples
             sample_sum += result.num_samples
         self.server.end_round()
         self.algorithm.end_round()
+        mark = time.perf_counter()
         self.eval_model.load_state_dict(self.server.served_state())
         test_loss, test_acc = evaluate(
             self.eval_model, self.data.test_x, self.data.test_y,
             batch_size=cfg.test_batch_size, forward=self.eval_forward,
         )
+        phase["eval"] = time.perf_counter() - mark
         elapsed = time.perf_counter() - started
         self.wall_time_s += elapsed
         stats = self.server.stats
@@ -176,4 +185,5 @@ class Simulation:
             rejected_norm=stats.rejected_norm,
             skipped=stats.skipped,
             vote_accuracy=self.algorithm.vote_accuracy(),
+            phase_s=phase,
         )

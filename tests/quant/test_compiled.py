@@ -1,0 +1,100 @@
+"""Compiled functions are checked against eager and dropped when they disagree (lptfl.quant.compiled)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from lptfl.fl import LocalTrainer
+from lptfl.quant import PrecisionPolicy
+from lptfl.quant.compiled import MaybeCompiled, mismatch
+
+
+def scaling_backend(factor: float):
+    """A torch.compile backend that is wrong without failing: it scales every float output."""
+
+    def backend(gm, example_inputs):
+        def run(*args):
+            out = gm(*args)
+            return type(out)(o * factor if torch.is_tensor(o) and o.is_floating_point() else o for o in out)
+
+        return run
+
+    return backend
+
+
+def test_mismatch_exact_nan_tolerance_and_structure():
+    a = torch.tensor([1.0, float("nan"), 3.0])
+    assert mismatch([a, torch.tensor([1, 2])], [a.clone(), torch.tensor([1, 2])]) is None  # NaN matches NaN
+    assert "1 of 3 values differ" in mismatch(a + torch.tensor([0.0, 0.0, 1e-6]), a)
+    assert "NaN" in mismatch(torch.tensor([1.0, 2.0, 3.0]), a)
+    assert mismatch(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.001]), 1e-2) is None
+    assert "relative difference" in mismatch(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]), 1e-2)
+    assert "2 tensors instead of 1" in mismatch([a, a], [a])
+    assert "float32[2]" in mismatch(torch.zeros(2), torch.zeros(3))
+    assert "values differ" in mismatch(torch.tensor([1, 2]), torch.tensor([1, 3]))
+
+
+def test_a_wrong_compiled_result_is_replaced_by_eager_for_good(caplog):
+    calls = []
+
+    def double(x):
+        calls.append(1)
+        return x * 2
+
+    fn = MaybeCompiled(double, verify=0.0, backend=scaling_backend(3.0))
+    x = torch.arange(4.0)
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(fn(x), x * 2)
+    assert not fn.active and "wrong result for" in caplog.text and "double" in caplog.text
+    assert torch.equal(fn(x + 1), (x + 1) * 2)
+
+
+def test_a_right_compiled_result_is_kept():
+    fn = MaybeCompiled(lambda x: x * 2, verify=0.0, backend="eager")
+    x = torch.arange(4.0)
+    assert torch.equal(fn(x), x * 2) and fn.active and fn.verify is None  # checked once only
+    assert torch.equal(fn(x), x * 2)
+
+
+def test_trainer_drops_a_miscompiled_step_and_optimizer_and_matches_eager(monkeypatch, caplog):
+    """A compiler that scales outputs would train on wrong gradients and weights: the first compiled
+    step and the first compiled quantization are repeated eagerly, found wrong, and replaced."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, backend=scaling_backend(3.0)))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))
+    results = {}
+    for compiled in (True, False):
+        trainer = LocalTrainer(model, PrecisionPolicy.preset("paper-8bit"), example_input=x[:16], compile=compiled)
+        with caplog.at_level(logging.WARNING):
+            results[compiled] = trainer.train(start, x, y, epochs=2, batch_size=16,
+                                               generator=torch.Generator().manual_seed(1))
+        if compiled:
+            assert not trainer._forward_backward.active and not trainer.optimizer._quantize_all.active
+    assert "wrong training step" in caplog.text and "wrong result for _quantize_all" in caplog.text
+    assert results[True].loss == pytest.approx(results[False].loss, rel=1e-6)
+    for name, value in results[False].state.items():
+        assert torch.equal(results[True].state[name], value), name
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_passes_its_checks(caplog):
+    """The real compiler (inductor) on the 8-bit ConvNet: both checks pass, so the fast path stays on."""
+    from lptfl.data import load_dataset
+    from lptfl.models import ConvNet
+
+    data = load_dataset("digits", None)
+    torch.manual_seed(0)
+    model = ConvNet(data.train_x.shape[1], data.num_classes, data.train_x.shape[-1], width=8)
+    trainer = LocalTrainer(model, PrecisionPolicy.preset("paper-8bit"), example_input=data.train_x[:32], compile=True)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING):
+        trainer.train(start, data.train_x[:96], data.train_y[:96], epochs=1, batch_size=32,
+                      generator=torch.Generator().manual_seed(0))
+    assert trainer._forward_backward.active and trainer.optimizer._quantize_all.active, caplog.text
