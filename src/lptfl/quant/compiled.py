@@ -72,7 +72,9 @@ class MaybeCompiled:
         enabled: compile at all.
         verify: None, or the tolerance of :func:`mismatch` for checking the first compiled
             call against ``fn`` (only for functions without side effects).
-        compile_options: passed to ``torch.compile``.
+        compile_options: passed to ``torch.compile``; ``dynamic`` defaults to False: callers give
+            fixed shapes (short batches are padded), and a graph traced for symbolic shapes
+            after a shape change compiles many times slower.
     """
 
     def __init__(self, fn: Callable[..., Any], *, enabled: bool = True, verify: float | None = None,
@@ -80,6 +82,7 @@ class MaybeCompiled:
         self.fn = fn
         self.enabled = enabled
         self.verify = verify
+        compile_options.setdefault("dynamic", False)
         self._compiled = torch.compile(fn, **compile_options) if enabled else None
 
     @property

@@ -92,5 +92,6 @@ def reseed_quantizers(model: nn.Module, generator: torch.Generator | None = None
     keys = torch.randint(
         -(1 << 31), (1 << 31) - 1, (len(quantizers),), dtype=torch.int32, generator=generator
     )
-    for quantizer, key in zip(quantizers, keys):
-        quantizer.key.copy_(key)
+    # fill_ with a Python int: on CUDA a kernel argument, not a copy that waits for the device
+    for quantizer, key in zip(quantizers, keys.tolist()):
+        quantizer.key.fill_(key)

@@ -62,6 +62,8 @@ class LowPrecisionOptimizer:
         if fmt.rounding != "stochastic":
             return None
         keys = torch.randint(-(1 << 31), (1 << 31) - 1, (count,), dtype=torch.int32, generator=self.generator)
+        if device.type == "cuda":  # from page-locked memory the copy does not wait for the device
+            return keys.pin_memory().to(device, non_blocking=True)
         return keys.to(device)
 
     @torch.no_grad()
