@@ -68,6 +68,8 @@ _HELP = {
     "aggregation_weighting": "uniform (published code) or samples (weighted by client data size)",
     "client_state": "client optimizer state: auto, memory, disk (spilled under --out), none (fresh each round)",
     "compile": "torch.compile the training step: auto (on for low precision), on, off",
+    "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs: fewer launches per step), "
+                    "max-autotune, max-autotune-no-cudagraphs",
     "compute": "auto, bf16 (exact bf16 products on a <=8-bit grid), fp32",
     "device": "cpu or cuda",
     "compress": "zstd on the payloads (lossless)",

@@ -123,6 +123,7 @@ def test_sampling_is_uniform_without_replacement_and_seeded():
         (["--model_name", "vgg"], "model_name"),
         (["--num_clients", "100000"], "num_clients"),
         (["--dataset", "fmnist", "--data_path", "/nonexistent"], "missing"),
+        (["--compile_mode", "fastest"], "compile_mode"),
     ],
 )
 def test_cli_rejects_bad_values(tmp_path, capsys, flags, message):

@@ -20,6 +20,7 @@ PARTITIONS = ("dirichlet", "dirichlet-plain", "iid")
 LR_SCHEDULES = ("none", "cosine", "step")
 CLIENT_STATES = ("auto", "memory", "disk", "none")
 COMPILE_MODES = ("auto", "on", "off")
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
 ROBUST_MODES = ("none", "median", "trimmed_mean")
 # settings added after results were published: left out of the fingerprint at their default,
@@ -71,6 +72,7 @@ class RunConfig:
     aggregation_weighting: str = "uniform"
     client_state: str = "auto"
     compile: str = "auto"
+    compile_mode: str = "default"
     compute: str = "auto"
     device: str = "cpu"
     compress: bool = False
@@ -160,6 +162,8 @@ class RunConfig:
              f"--aggregation_weighting must be one of {WEIGHTINGS}, got {self.aggregation_weighting!r}")
         need(self.client_state in CLIENT_STATES, f"--client_state must be one of {CLIENT_STATES}, got {self.client_state!r}")
         need(self.compile in COMPILE_MODES, f"--compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        need(self.compile_mode in TORCH_COMPILE_MODES,
+             f"--compile_mode must be one of {TORCH_COMPILE_MODES}, got {self.compile_mode!r}")
         need(self.compute in ("auto", "bf16", "fp32"), f"--compute must be auto, bf16 or fp32, got {self.compute!r}")
         need(self.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
@@ -223,7 +227,7 @@ class RunConfig:
     def fingerprint(self) -> str:
         """A hash of every setting that changes results (not of device, compile or paths; not of
         ``c_rounds`` under a constant learning rate, so a finished run can be extended)."""
-        ignored = {"device", "compile", "data_path", "download", "client_state", "checkpoint_every"}
+        ignored = {"device", "compile", "compile_mode", "data_path", "download", "client_state", "checkpoint_every"}
         if self.lr_schedule == "none":
             ignored.add("c_rounds")
         items = {

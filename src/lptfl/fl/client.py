@@ -81,6 +81,7 @@ class LocalTrainer:
         lr: learning rate.
         example_input: one batch, used to pick layers for exact bf16 compute.
         compile: fuse forward/backward (and the quantizers) with ``torch.compile``.
+        compile_mode: ``torch.compile``'s mode (e.g. ``"reduce-overhead"`` for CUDA graphs).
         device: where training runs.
     """
 
@@ -93,6 +94,7 @@ class LocalTrainer:
         lr: float = 1e-3,
         example_input: torch.Tensor | None = None,
         compile: bool = False,
+        compile_mode: str = "default",
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
@@ -100,8 +102,8 @@ class LocalTrainer:
         self.model = model.to(self.device)
         policy.prepare_model(self.model, None if example_input is None else example_input.to(self.device))
         self.inner = make_optimizer(optimizer, self.model.parameters(), lr)
-        self.optimizer = policy.wrap_optimizer(self.inner, compile=compile)
-        self._forward_backward = MaybeCompiled(self._loss_and_backward, enabled=compile)
+        self.optimizer = policy.wrap_optimizer(self.inner, compile=compile, compile_mode=compile_mode)
+        self._forward_backward = MaybeCompiled(self._loss_and_backward, enabled=compile, mode=compile_mode)
         self.compiled = compile
         self._step_checked = not compile
         self.objective: LocalObjective | None = None

@@ -30,6 +30,7 @@ class LowPrecisionOptimizer:
         generator: source of stochastic-rounding keys (seeded => reproducible).
         compile: fuse the per-tensor quantization with ``torch.compile`` (same results: the
             first compiled call is checked against eager, which replaces it if they differ).
+        compile_mode: ``torch.compile``'s mode.
     """
 
     def __init__(
@@ -40,12 +41,13 @@ class LowPrecisionOptimizer:
         grad: BFPFormat | None = None,
         generator: torch.Generator | None = None,
         compile: bool = False,
+        compile_mode: str = "default",
     ) -> None:
         self.optimizer = optimizer
         self.weight_format = weight
         self.grad_format = grad
         self.generator = generator
-        self._quantize_all = MaybeCompiled(_quantize_all, enabled=compile, verify=0.0)
+        self._quantize_all = MaybeCompiled(_quantize_all, enabled=compile, verify=0.0, mode=compile_mode)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:

@@ -145,10 +145,12 @@ class PrecisionPolicy:
         generator: torch.Generator | None = None,
         *,
         compile: bool = False,
+        compile_mode: str = "default",
     ) -> LowPrecisionOptimizer | torch.optim.Optimizer:
         """The optimizer with gradient/weight quantization, or unchanged at full precision."""
         if self.weight is None and self.grad is None:
             return optimizer
         return LowPrecisionOptimizer(
-            optimizer, weight=self.weight, grad=self.grad, generator=generator, compile=compile
+            optimizer, weight=self.weight, grad=self.grad, generator=generator, compile=compile,
+            compile_mode=compile_mode,
         )

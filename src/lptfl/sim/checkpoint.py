@@ -115,7 +115,7 @@ def read_config(run_dir: Path) -> RunConfig:
 def resume_config(run_dir: Path, overrides: dict | None = None) -> RunConfig:
     """The saved settings of ``run_dir`` with ``overrides`` applied.
 
-    Overrides may change only settings outside the fingerprint (``--compile``, ``--device``,
+    Overrides may change only settings outside the fingerprint (``--compile``, ``--compile_mode``, ``--device``,
     ``--checkpoint_every``, paths ...); anything else would make the resumed rounds a
     different experiment, and is refused with :class:`CheckpointError` naming the settings.
     """
@@ -135,7 +135,7 @@ def resume_config(run_dir: Path, overrides: dict | None = None) -> RunConfig:
         raise CheckpointError(
             f"refusing to resume {run_dir}: the given settings change the experiment "
             f"({'; '.join(changed) or 'fingerprint differs'}); resume with the run's own settings "
-            "(only --compile, --device, --checkpoint_every, --data_path, --download, --client_state may differ, "
+            "(only --compile, --compile_mode, --device, --checkpoint_every, --data_path, --download, --client_state may differ, "
             "and --c_rounds under a constant learning rate) "
             "or start a new run with another --out"
         )

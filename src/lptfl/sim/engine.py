@@ -72,11 +72,12 @@ class Simulation:
         example = self.data.train_x[: config.batch_size]
         self.trainer = LocalTrainer(
             model, self.policy, optimizer=config.optimizer, lr=config.lr,
-            example_input=example, compile=compile_on, device=self.device,
+            example_input=example, compile=compile_on, compile_mode=config.compile_mode, device=self.device,
         )
         self.eval_model = build_run_model(config, self.data).to(self.device)
         self.policy.prepare_model(self.eval_model, example.to(self.device))
-        self.eval_forward = MaybeCompiled(self.eval_model, enabled=compile_on, verify=EVAL_TOLERANCE)
+        self.eval_forward = MaybeCompiled(self.eval_model, enabled=compile_on, verify=EVAL_TOLERANCE,
+                                          mode=config.compile_mode)
         self.server = Server(
             initial,
             config.server_config(),
