@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lptfl.fl.client import evaluate
+from lptfl.fl.client import batched_logits, evaluate
 
 State = dict[str, torch.Tensor]
 Regularizer = Callable[[nn.Module], torch.Tensor]
@@ -150,20 +150,22 @@ def vote_accuracy(
     num_classes: int,
     *,
     batch_size: int = 1000,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Accuracy (fraction) of the majority vote of ``model`` loaded with each of ``states``
-    (ties go to the lowest class index). Loads the states into ``model`` in turn."""
+    (ties go to the lowest class index). Loads the states into ``model`` in turn; ``forward``
+    (e.g. the compiled ``model``) replaces ``model(x)``."""
     if not states:
         return 0.0
     device = next(model.parameters()).device
+    forward = model if forward is None else forward
     votes = torch.zeros(int(y.shape[0]), num_classes, dtype=torch.int32, device=device)
     rows = torch.arange(int(y.shape[0]), device=device)
     for state in states:
         model.load_state_dict(state)
         model.eval()
-        for i in range(0, int(y.shape[0]), batch_size):
-            pred = model(x[i : i + batch_size].to(device)).argmax(1)
-            votes[rows[i : i + batch_size], pred] += 1
+        for i, logits in batched_logits(forward, x, batch_size, device):
+            votes[rows[i : i + logits.shape[0]], logits.argmax(1)] += 1
     return float((votes.argmax(1).cpu() == y.cpu()).double().mean())
 
 

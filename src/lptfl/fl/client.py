@@ -9,7 +9,7 @@ weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -255,12 +255,25 @@ def evaluate(
     n = int(y.shape[0])
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for i in range(0, n, batch_size):
-        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-        k = int(yb.shape[0])
-        if k < batch_size and n > batch_size:
-            xb = xb[torch.arange(batch_size, device=device) % k]
-        logits = forward(xb)[:k]
+    for i, logits in batched_logits(forward, x, batch_size, device):
+        yb = y[i : i + logits.shape[0]].to(device)
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").to(torch.float64)
         correct += (logits.argmax(1) == yb).sum()
     return float(loss_sum) / max(n, 1), int(correct) / max(n, 1)
+
+
+def batched_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
+                   device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start index, logits)`` of ``forward`` over ``x`` in batches of ``batch_size`` rows on ``device``.
+
+    A short last batch (when ``x`` has more than one batch) is padded to full size with copies of
+    its own rows, so a compiled ``forward`` sees one shape and per-tensor activation maxima are
+    unchanged; the copies' logits are dropped.
+    """
+    n = int(x.shape[0])
+    for i in range(0, n, batch_size):
+        xb = x[i : i + batch_size].to(device)
+        k = int(xb.shape[0])
+        if k < batch_size and n > batch_size:
+            xb = xb[torch.arange(batch_size, device=device) % k]
+        yield i, forward(xb)[:k]

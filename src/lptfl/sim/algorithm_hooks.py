@@ -104,7 +104,7 @@ class AlgorithmHooks:
         served = sim.server.served_state()
         states = [{**served, **self.bank.local(c)} for c in self._participants]
         return vote_accuracy(sim.eval_model, states, sim.data.test_x, sim.data.test_y, sim.data.num_classes,
-                             batch_size=sim.config.test_batch_size)
+                             batch_size=sim.config.test_batch_size, forward=sim.eval_forward)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Algorithm state a checkpoint must keep, as flat tensors: FedBN's per-client local
