@@ -107,13 +107,14 @@ def run_experiment(
         truncate_metrics(out_dir, lines, METRICS)
         log.info("resuming %s after round %d", out_dir, sim.round)
     stop: dict[str, int] = {}
+    running = {"round": sim.round + 1}  # the round in progress (the server counts it done before evaluation)
 
     def request_stop(signum: int, _frame) -> None:
         if stop:
             raise KeyboardInterrupt  # a second signal: stop at once (the last checkpoint stays valid)
         stop["signum"] = signum
         log.warning("%s: finishing round %d, then saving a checkpoint and stopping (repeat to stop at once)",
-                    signal.Signals(signum).name, sim.round + 1)
+                    signal.Signals(signum).name, running["round"])
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -122,6 +123,7 @@ def run_experiment(
     try:
         bar = tqdm(total=config.c_rounds, initial=sim.round, desc="rounds", unit="round", disable=not progress)
         while sim.round < config.c_rounds:
+            running["round"] = sim.round + 1
             metrics = sim.run_round()
             append_metrics(out_dir, metrics)
             lines += 1
