@@ -122,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
         start.update(load_local_state(context.state, {k: initial[k] for k in local_names}))
     trainer = LocalTrainer(
         model, policy, optimizer=config.optimizer, lr=lr, example_input=data.train_x[: config.batch_size],
-        compile=config.compile == "on", device=config.device,
+        compile=config.compile == "on", compile_mode=config.compile_mode, device=config.device,
     )
     restored = config.client_state != "none" and load_optimizer_state(trainer.inner, context.state)
     generator = torch.Generator().manual_seed(derive_seed(config.seed, round_index, partition_id))
