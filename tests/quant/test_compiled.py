@@ -98,3 +98,23 @@ def test_inductor_compiled_training_passes_its_checks(caplog):
         trainer.train(start, data.train_x[:96], data.train_y[:96], epochs=1, batch_size=32,
                       generator=torch.Generator().manual_seed(0))
     assert trainer._forward_backward.active and trainer.optimizer._quantize_all.active, caplog.text
+
+
+def test_a_passing_check_keeps_the_compiled_step(monkeypatch):
+    """A compiler slightly off (within the tolerances) passes, and training is exactly what the
+    compiled step gives without the check: the check changes no result."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, backend=scaling_backend(1 + 1e-4)))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(64, 1, 4, 4), torch.randint(0, 3, (64,))
+    results = []
+    for checked in (True, False):
+        trainer = LocalTrainer(model, PrecisionPolicy.full_precision(), optimizer="sgd", compile=True)
+        trainer._step_checked = not checked
+        results.append(trainer.train(start, x, y, epochs=1, batch_size=16, generator=torch.Generator().manual_seed(1)))
+        assert trainer._forward_backward.active
+    assert results[0].loss == results[1].loss
+    for name, value in results[1].state.items():
+        assert torch.equal(results[0].state[name], value), name

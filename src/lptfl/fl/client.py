@@ -153,28 +153,40 @@ class LocalTrainer:
     def _checked_step(self, *args: torch.Tensor) -> torch.Tensor:
         """The first compiled step, repeated eagerly from the same state (same rounding keys).
 
-        The eager gradients are kept; the compiled step is dropped for good, with a warning, if
-        its loss or its gradients differ by more than ``STEP_LOSS_TOLERANCE`` or
-        ``STEP_GRAD_TOLERANCE``.
+        If the two agree (loss within ``STEP_LOSS_TOLERANCE``, gradients within
+        ``STEP_GRAD_TOLERANCE``) the compiled step's gradients and buffers are kept, so the check
+        changes no result (a resumed run still matches an uninterrupted one). Otherwise the eager
+        ones are kept and the compiled step is dropped for good, with a warning.
         """
         params = list(self.model.parameters())
-        buffers = [b.detach().clone() for b in self.model.buffers()]
+        buffers = list(self.model.buffers())
+        before = [b.detach().clone() for b in buffers]
         loss = self._forward_backward(*args)
         if not self._forward_backward.active:  # it failed to compile and ran eagerly
             return loss
-        compiled = (loss, self._flat_grads(params))
+        compiled_loss, compiled_grads = loss.clone(), self._flat_grads(params)
+        compiled_buffers = [b.detach().clone() for b in buffers]
         with torch.no_grad():
             for p in params:
                 if p.grad is not None:
                     p.grad.zero_()
-            for buffer, saved in zip(self.model.buffers(), buffers):
+            for buffer, saved in zip(buffers, before):
                 buffer.copy_(saved)
-        loss = self._loss_and_backward(*args)
-        why = (mismatch(compiled[0], loss, STEP_LOSS_TOLERANCE)
-               or mismatch(compiled[1], self._flat_grads(params), STEP_GRAD_TOLERANCE))
+        eager_loss = self._loss_and_backward(*args)
+        why = (mismatch(compiled_loss, eager_loss, STEP_LOSS_TOLERANCE)
+               or mismatch(compiled_grads, self._flat_grads(params), STEP_GRAD_TOLERANCE))
         if why is not None:
             self._forward_backward.disable(f"torch.compile gave a wrong training step on {self.device} ({why})")
-        return loss
+            return eager_loss
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                if p.grad is not None:
+                    p.grad.copy_(compiled_grads[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            for buffer, saved in zip(buffers, compiled_buffers):
+                buffer.copy_(saved)
+        return compiled_loss
 
     def train(
         self,
