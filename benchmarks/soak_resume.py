@@ -26,7 +26,7 @@ import torch
 
 from lptfl.sim.checkpoint import CONFIG, load_checkpoint
 
-TIMINGS = ("round_time_s", "wall_time_s")
+TIMINGS = ("round_time_s", "wall_time_s", "phase_s")
 
 
 def run_args(args: argparse.Namespace) -> list[str]:
