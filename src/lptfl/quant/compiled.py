@@ -6,7 +6,9 @@ compiler, an unsupported platform) the eager function is used and a warning is l
 
 A compiler can also be wrong without failing. With ``verify`` the first compiled call is
 repeated eagerly and the two results compared (:func:`mismatch`); a compiled function
-whose result differs is dropped for the eager one, with a warning that says by how much.
+whose result differs is dropped for the eager one (whose result is returned), with a warning
+that says by how much. When they agree the compiled result is returned, so the check changes
+no result.
 The low-precision functions are deterministic given their rounding keys, so compiled and
 eager results agree exactly (quantizers) or up to float reassociation (whole models).
 """
@@ -112,4 +114,5 @@ class MaybeCompiled:
         if why is not None:
             name = getattr(self.fn, "__qualname__", type(self.fn).__name__)
             self.disable(f"torch.compile gave a wrong result for {name} ({why})")
-        return eager
+            return eager
+        return result  # agreed: the check changes no result
