@@ -19,7 +19,7 @@ mkdir -p "$dest" "$runs"
 if [ "$device" = cuda ]; then
   "$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 fi
-"$python" -m pytest -q -m cuda -p no:cacheprovider tests/quant/test_training.py >"$dest/cuda_tests.txt" 2>&1 &
+"$python" -m pytest -q -m cuda -p no:cacheprovider tests/quant/test_cuda.py >"$dest/cuda_tests.txt" 2>&1 &
 tests=$!
 (
   while sleep 30; do

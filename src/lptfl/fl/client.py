@@ -146,9 +146,22 @@ class LocalTrainer:
             return self._checked_step(x[batch], yb, weight, *extra)
         return step(x[batch], yb, weight, *extra)
 
+    def _snapshot(self) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+        """Copies of the gradients (None where absent) and buffers (e.g. batch-norm statistics)."""
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()]
+        return grads, [b.detach().clone() for b in self.model.buffers()]
+
+    @torch.no_grad()
+    def _restore(self, snapshot: tuple[list[torch.Tensor | None], list[torch.Tensor]]) -> None:
+        grads, buffers = snapshot
+        for p, grad in zip(self.model.parameters(), grads):
+            p.grad = None if grad is None else grad.clone()
+        for buffer, saved in zip(self.model.buffers(), buffers):
+            buffer.copy_(saved)
+
     @staticmethod
-    def _flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
-        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
+    def _flat(grads: list[torch.Tensor | None], params: list[nn.Parameter]) -> torch.Tensor:
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
 
     def _checked_step(self, *args: torch.Tensor) -> torch.Tensor:
         """The first compiled step, repeated eagerly from the same state (same rounding keys).
@@ -158,34 +171,21 @@ class LocalTrainer:
         changes no result (a resumed run still matches an uninterrupted one). Otherwise the eager
         ones are kept and the compiled step is dropped for good, with a warning.
         """
-        params = list(self.model.parameters())
-        buffers = list(self.model.buffers())
-        before = [b.detach().clone() for b in buffers]
+        before = self._snapshot()
         loss = self._forward_backward(*args)
         if not self._forward_backward.active:  # it failed to compile and ran eagerly
             return loss
-        compiled_loss, compiled_grads = loss.clone(), self._flat_grads(params)
-        compiled_buffers = [b.detach().clone() for b in buffers]
-        with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    p.grad.zero_()
-            for buffer, saved in zip(buffers, before):
-                buffer.copy_(saved)
+        compiled_loss, compiled = loss.clone(), self._snapshot()
+        self._restore(before)
         eager_loss = self._loss_and_backward(*args)
+        params = list(self.model.parameters())
         why = (mismatch(compiled_loss, eager_loss, STEP_LOSS_TOLERANCE)
-               or mismatch(compiled_grads, self._flat_grads(params), STEP_GRAD_TOLERANCE))
+               or mismatch(self._flat(compiled[0], params), self._flat(self._snapshot()[0], params),
+                           STEP_GRAD_TOLERANCE))
         if why is not None:
             self._forward_backward.disable(f"torch.compile gave a wrong training step on {self.device} ({why})")
             return eager_loss
-        with torch.no_grad():
-            offset = 0
-            for p in params:
-                if p.grad is not None:
-                    p.grad.copy_(compiled_grads[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-            for buffer, saved in zip(buffers, compiled_buffers):
-                buffer.copy_(saved)
+        self._restore(compiled)
         return compiled_loss
 
     def train(
