@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lptfl.allocator import keep_freed_memory
 from lptfl.models import ConvNet
 from lptfl.quant import BFPFormat, PrecisionPolicy, reseed_quantizers
 from lptfl.quant.compiled import MaybeCompiled
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="timed steps per configuration")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    keep_freed_memory()  # as the CLI does
     device = torch.device(args.device)
     result: dict = {
         "device": str(device),

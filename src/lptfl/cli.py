@@ -9,6 +9,7 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
+from lptfl.allocator import keep_freed_memory
 from lptfl.data import DatasetError
 from lptfl.experiment.config import RunConfig
 
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
     try:
         if args.command == "run":
             return _command_run(args)

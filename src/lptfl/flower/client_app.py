@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from lptfl import codec
+from lptfl.allocator import keep_freed_memory
 from lptfl.data import load_dataset
 from lptfl.experiment.config import RunConfig
 from lptfl.experiment.setup import build_run_model, derive_seed, split_clients
@@ -105,6 +106,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: RecordDict) ->
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Decode the downlink, train on this node's partition, reply with the encoded update."""
+    keep_freed_memory()
     config, _ = from_flower_config(dict(context.run_config))
     partition_id, num_partitions = node_partition(context)
     round_index = int(msg.content.config_records[CONFIG_RECORD]["round"])
