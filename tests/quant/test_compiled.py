@@ -118,3 +118,24 @@ def test_a_passing_check_keeps_the_compiled_step(monkeypatch):
     assert results[0].loss == results[1].loss
     for name, value in results[1].state.items():
         assert torch.equal(results[0].state[name], value), name
+
+
+def test_inductor_8bit_evaluation_passes_the_engine_check_and_a_wrong_one_does_not():
+    from lptfl.models import ConvNet
+    from lptfl.sim.engine import EVAL_TOLERANCE
+
+    torch.manual_seed(0)
+    model = ConvNet(1, 10, 28)
+    PrecisionPolicy.low_precision(8).prepare_model(model, torch.randn(32, 1, 28, 28))
+    model.eval()
+    x = torch.randn(256, 1, 28, 28)
+    with torch.no_grad():
+        eager = model(x)
+        # rounding flips cascade: a 1e-6 perturbation alone moves the logits by about 1%
+        assert mismatch(model(x * (1 + 1e-6)), eager, EVAL_TOLERANCE / 5) is None
+        checked = MaybeCompiled(model, verify=EVAL_TOLERANCE)
+        checked(x)
+        assert checked.active
+        wrong = MaybeCompiled(model, verify=EVAL_TOLERANCE, backend=scaling_backend(1.5))
+        assert torch.equal(wrong(x), eager)
+        assert not wrong.active
