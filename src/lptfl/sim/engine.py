@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # With 8-bit activations, rounding flips cascade: a 1e-6 relative input perturbation alone moves an
 # untrained ConvNet's FMNIST logits by ~1.2%, and inductor's differ from eager by ~1.5% (same
 # argmax for >99% of rows). A miscompiled forward differs by O(1). Failing the check costs a lot:
-# eager 8-bit evaluation of 10k images takes 60-90 s against 16 s compiled on 2 CPU cores.
+# eager 8-bit evaluation of 10k images takes 60-90 s against 16-25 s compiled on 2 CPU cores.
 EVAL_TOLERANCE = 0.1
 _MEMORY_STATE_LIMIT = 2 << 30  # bytes of client optimizer state kept in memory under client_state="auto"
 
