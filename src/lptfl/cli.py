@@ -72,6 +72,8 @@ _HELP = {
     "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs: fewer launches per step), "
                     "max-autotune, max-autotune-no-cudagraphs",
     "compute": "auto, bf16 (exact bf16 products on a <=8-bit grid), fp32",
+    "eval_precision": "evaluation of the served model: policy (the run's activation format) or full "
+                      "(fp32 activations, as the published code scores moving-average runs)",
     "device": "cpu or cuda",
     "compress": "zstd on the payloads (lossless)",
     "checkpoint_every": "write a crash-safe checkpoint every N rounds (and after the last); 0: none",

@@ -66,6 +66,21 @@ def test_low_precision_payloads_are_about_a_quarter_of_fp32(tmp_path):
     assert 0.2 < ratio < 0.5  # width-8 model: tiny tensors, so headers weigh more than for the paper's ConvNet
 
 
+def test_full_precision_evaluation_scores_the_same_training_without_activation_quantizers(tmp_path):
+    from lptfl.quant.activation import Quantizer
+    from lptfl.sim.engine import Simulation
+
+    runs = {}
+    for precision in ("policy", "full"):
+        sim = Simulation(RunConfig(c_rounds=1, use_quantization=True, eval_precision=precision, **FAST))
+        quantizers = sum(isinstance(m, Quantizer) for m in sim.eval_model.modules())
+        assert (quantizers > 0) == (precision == "policy")
+        runs[precision] = sim.run_round()
+    policy, full = runs["policy"], runs["full"]
+    assert policy.train_loss == full.train_loss and policy.bytes_up == full.bytes_up  # same training
+    assert policy.test_loss != full.test_loss
+
+
 def test_fmnist_idx_files_end_to_end(tmp_path):
     tiny_fmnist(tmp_path / "data")
     config = RunConfig(dataset="fmnist", data_path=str(tmp_path / "data"), c_rounds=3, alpha=1.0, lr=3e-3,
@@ -124,6 +139,7 @@ def test_sampling_is_uniform_without_replacement_and_seeded():
         (["--num_clients", "100000"], "num_clients"),
         (["--dataset", "fmnist", "--data_path", "/nonexistent"], "missing"),
         (["--compile_mode", "fastest"], "compile_mode"),
+        (["--eval_precision", "half"], "eval_precision"),
     ],
 )
 def test_cli_rejects_bad_values(tmp_path, capsys, flags, message):

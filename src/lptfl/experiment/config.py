@@ -31,8 +31,12 @@ _FINGERPRINT_IF_SET.update({  # FL algorithms (lptfl.fl.algorithms, lptfl.fl.ser
     "server_optimizer": "none", "server_lr": 0.0, "server_momentum": 0.9, "server_beta1": 0.9,
     "server_beta2": 0.99, "server_tau": 0.0,
 })
+_FINGERPRINT_IF_SET["eval_precision"] = "policy"
 _FINGERPRINT_IF_SET.update({f"fedgen_{k}": v for k, v in FedGenConfig().__dict__.items()})
 _FINGERPRINT_IF_SET.update({f"fedftg_{k}": v for k, v in FedFTGConfig().__dict__.items()})
+
+# "policy": evaluate with the run's activation format; "full": without activation quantizers
+EVAL_PRECISIONS = ("policy", "full")
 
 
 @dataclass
@@ -74,6 +78,7 @@ class RunConfig:
     compile: str = "auto"
     compile_mode: str = "default"
     compute: str = "auto"
+    eval_precision: str = "policy"
     device: str = "cpu"
     compress: bool = False
     checkpoint_every: int = 1
@@ -165,6 +170,8 @@ class RunConfig:
         need(self.compile_mode in TORCH_COMPILE_MODES,
              f"--compile_mode must be one of {TORCH_COMPILE_MODES}, got {self.compile_mode!r}")
         need(self.compute in ("auto", "bf16", "fp32"), f"--compute must be auto, bf16 or fp32, got {self.compute!r}")
+        need(self.eval_precision in EVAL_PRECISIONS,
+             f"--eval_precision must be one of {EVAL_PRECISIONS}, got {self.eval_precision!r}")
         need(self.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(self.min_clients >= 1, f"--min_clients must be >= 1, got {self.min_clients}")
@@ -209,6 +216,11 @@ class RunConfig:
             rounding=self.quant_type,
             compute=self.compute,
         )
+
+    def eval_policy(self) -> PrecisionPolicy:
+        """The precision of the served model's evaluation: the run's own (``policy``), or fp32
+        activations (``full``, as the published code scores its moving-average runs)."""
+        return self.policy() if self.eval_precision == "policy" else PrecisionPolicy.full_precision()
 
     def server_config(self) -> ServerConfig:
         """The server's aggregation settings under these flags (simulator and Flower alike)."""

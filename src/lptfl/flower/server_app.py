@@ -84,13 +84,12 @@ class FlowerRun:
     def __init__(self, config: RunConfig, options: FlowerOptions) -> None:
         self.config, self.options = config, options
         self.data = load_dataset(config.dataset, config.data_path, download=config.download)
-        self.policy = config.policy()
         model = build_run_model(config, self.data)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         self.full_precision = full_precision_names(model)
         self.device = torch.device(config.device)
         self.eval_model = model.to(self.device)
-        self.policy.prepare_model(self.eval_model, self.data.train_x[: config.batch_size].to(self.device))
+        config.eval_policy().prepare_model(self.eval_model, self.data.train_x[: config.batch_size].to(self.device))
         self.server = Server(initial, config.server_config(), full_precision=self.full_precision)
         _, val = split_clients(config, self.data.train_y.numpy())
         val_x, val_y = validation_data(config, self.data, val)

@@ -79,7 +79,7 @@ class Simulation:
             example_input=example, compile=compile_on, compile_mode=config.compile_mode, device=self.device,
         )
         self.eval_model = build_run_model(config, self.data).to(self.device)
-        self.policy.prepare_model(self.eval_model, example.to(self.device))
+        config.eval_policy().prepare_model(self.eval_model, example.to(self.device))
         self.eval_forward = MaybeCompiled(self.eval_model, enabled=compile_on, verify=EVAL_TOLERANCE,
                                           mode=config.compile_mode)
         self.server = Server(
