@@ -33,7 +33,6 @@ import statistics
 import sys
 import time
 import types
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,7 +80,6 @@ class PublishedRound:
 
     def __init__(self, quantizer: types.ModuleType, models: types.ModuleType, bits: int, sim: Simulation,
                  test_batch_size: int = 256) -> None:
-        self.bits = bits
         activation = lambda: quantizer.BlockQuantizer(bits, bits, "stochastic", "FC", "BC")  # noqa: E731
         self.quantize = lambda x: quantizer.quantize_block(x, bits, -1, "stochastic", "FC", "BC")  # noqa: E731
         torch.manual_seed(0)
@@ -117,6 +115,11 @@ class PublishedRound:
                     param.data = self.quantize(param.data).data
         return time.perf_counter() - start
 
+    def round(self, round_index: int, clients: int) -> tuple[list[float], float]:
+        """(seconds of each of ``clients`` client updates, evaluation seconds) of one round."""
+        chosen = [(round_index * 7 + k * 11) % 80 for k in range(clients)]
+        return [self.client(c) for c in chosen], self.evaluate()
+
     def evaluate(self) -> float:
         """Seconds of the published ``eval_op_ensemble`` over the test set."""
         x, y = self.sim.data.test_x, self.sim.data.test_y
@@ -139,8 +142,9 @@ class LptflRound:
         self.config = config_from_args(build_parser().parse_args(flags + (Q8_FLAGS if quantized else [])))
         self.sim = Simulation(self.config)
 
-    def round(self) -> tuple[list[float], float]:
-        """(seconds per client update including encode/decode, evaluation seconds) of the next round."""
+    def round(self, round_index: int, clients: int) -> tuple[list[float], float]:
+        """(seconds per client update including encode/decode, evaluation seconds) of the next round
+        (``round_index`` and ``clients`` are the simulation's own: its sampling and ``--frac``)."""
         metrics = self.sim.run_round()
         per_client = (metrics.phase_s["train"] + metrics.phase_s["codec"]) / metrics.accepted
         return [per_client] * metrics.accepted, metrics.phase_s["eval"]
@@ -165,19 +169,12 @@ def main() -> None:
     theirs = {"published_fp32": PublishedRound(quantizer, models, -1, sim),
               "published_q8": PublishedRound(quantizer, models, 8, sim)}
 
-    def published_round(runner: PublishedRound, round_index: int) -> tuple[list[float], float]:
-        clients = [(round_index * 7 + k * 11) % 80 for k in range(args.clients)]
-        return [runner.client(c) for c in clients], runner.evaluate()
-
-    rounds: dict[str, Callable[[int], tuple[list[float], float]]] = {
-        **{name: (lambda r, o=o: o.round()) for name, o in ours.items()},
-        **{name: (lambda r, t=t: published_round(t, r)) for name, t in theirs.items()},
-    }
+    rounds: dict[str, LptflRound | PublishedRound] = {**ours, **theirs}
     client_s: dict[str, list[float]] = {name: [] for name in rounds}
     eval_s: dict[str, list[float]] = {name: [] for name in rounds}
     for round_index in range(args.rounds + 1):
-        for name, run in rounds.items():
-            clients, evaluation = run(round_index)
+        for name, runner in rounds.items():
+            clients, evaluation = runner.round(round_index, args.clients)
             if round_index > 0:  # round 0 warms up (torch.compile, allocator)
                 client_s[name] += clients
                 eval_s[name].append(evaluation)

@@ -180,7 +180,7 @@ class LocalTrainer:
         eager_loss = self._loss_and_backward(*args)
         params = list(self.model.parameters())
         why = (mismatch(compiled_loss, eager_loss, STEP_LOSS_TOLERANCE)
-               or mismatch(self._flat(compiled[0], params), self._flat(self._snapshot()[0], params),
+               or mismatch(self._flat(compiled[0], params), self._flat([p.grad for p in params], params),
                            STEP_GRAD_TOLERANCE))
         if why is not None:
             self._forward_backward.disable(f"torch.compile gave a wrong training step on {self.device} ({why})")
