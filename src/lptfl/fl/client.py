@@ -24,8 +24,9 @@ OPTIMIZERS = ("adam", "sgd")
 # Largest relative L2 differences between the compiled and the eager first step, of the loss and of
 # all gradients together. Both use the same rounding keys, but reassociation flips some roundings
 # and the flips cascade: a 1e-6 input perturbation alone moves an 8-bit ConvNet's gradients by
-# ~3% (its biases' by ~30%). A miscompiled step (zero, scaled or unrelated gradients) differs by O(1).
-STEP_LOSS_TOLERANCE = 1e-2
+# ~3% (its biases' by ~30%). A small loss magnifies it: a FMNIST client with one class (loss ~0.1)
+# gave 1.45% between the two. A miscompiled step (zero, scaled or unrelated results) differs by O(1).
+STEP_LOSS_TOLERANCE = 0.1
 STEP_GRAD_TOLERANCE = 0.25
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
