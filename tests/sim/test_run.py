@@ -9,6 +9,7 @@ import torch
 from lptfl.cli import main
 from lptfl.experiment.config import RunConfig
 from lptfl.experiment.setup import sample_clients
+from lptfl.quant.activation import Quantizer
 from lptfl.sim.engine import Simulation
 from lptfl.sim.runner import run_experiment
 
@@ -67,9 +68,6 @@ def test_low_precision_payloads_are_about_a_quarter_of_fp32(tmp_path):
 
 
 def test_full_precision_evaluation_scores_the_same_training_without_activation_quantizers(tmp_path):
-    from lptfl.quant.activation import Quantizer
-    from lptfl.sim.engine import Simulation
-
     runs = {}
     for precision in ("policy", "full"):
         sim = Simulation(RunConfig(c_rounds=1, use_quantization=True, eval_precision=precision, **FAST))

@@ -15,6 +15,7 @@ from lptfl.fl.server import WEIGHTINGS, ServerConfig
 from lptfl.models import MODELS
 from lptfl.quant import PrecisionPolicy
 from lptfl.quant.format import LAYOUTS, ROUNDINGS, SMALL_BLOCKS
+from lptfl.quant.policy import COMPUTE_MODES
 
 PARTITIONS = ("dirichlet", "dirichlet-plain", "iid")
 LR_SCHEDULES = ("none", "cosine", "step")
@@ -23,20 +24,19 @@ COMPILE_MODES = ("auto", "on", "off")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
 ROBUST_MODES = ("none", "median", "trimmed_mean")
+# "policy": evaluate with the run's activation format; "full": without activation quantizers
+EVAL_PRECISIONS = ("policy", "full")
 # settings added after results were published: left out of the fingerprint at their default,
 # so the fingerprints of older runs stay valid
-_FINGERPRINT_IF_SET = {"dropout": 0.0, "min_clients": 1, "max_update_norm": 0.0, "robust": "none", "trim_fraction": 0.1}
+_FINGERPRINT_IF_SET = {"dropout": 0.0, "min_clients": 1, "max_update_norm": 0.0, "robust": "none", "trim_fraction": 0.1,
+                       "eval_precision": "policy"}
 _FINGERPRINT_IF_SET.update({  # FL algorithms (lptfl.fl.algorithms, lptfl.fl.server_optim)
     "model_norm": "", "lambda_fedprox": 0.01, "abavg_val_fraction": 0.05, "abavg_use_test_set": False,
     "server_optimizer": "none", "server_lr": 0.0, "server_momentum": 0.9, "server_beta1": 0.9,
     "server_beta2": 0.99, "server_tau": 0.0,
 })
-_FINGERPRINT_IF_SET["eval_precision"] = "policy"
 _FINGERPRINT_IF_SET.update({f"fedgen_{k}": v for k, v in FedGenConfig().__dict__.items()})
 _FINGERPRINT_IF_SET.update({f"fedftg_{k}": v for k, v in FedFTGConfig().__dict__.items()})
-
-# "policy": evaluate with the run's activation format; "full": without activation quantizers
-EVAL_PRECISIONS = ("policy", "full")
 
 
 @dataclass
@@ -169,7 +169,7 @@ class RunConfig:
         need(self.compile in COMPILE_MODES, f"--compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         need(self.compile_mode in TORCH_COMPILE_MODES,
              f"--compile_mode must be one of {TORCH_COMPILE_MODES}, got {self.compile_mode!r}")
-        need(self.compute in ("auto", "bf16", "fp32"), f"--compute must be auto, bf16 or fp32, got {self.compute!r}")
+        need(self.compute in COMPUTE_MODES, f"--compute must be one of {COMPUTE_MODES}, got {self.compute!r}")
         need(self.eval_precision in EVAL_PRECISIONS,
              f"--eval_precision must be one of {EVAL_PRECISIONS}, got {self.eval_precision!r}")
         need(self.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
