@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lptfl.experiment.results import LAST_ROUNDS, read_metrics
@@ -52,6 +52,33 @@ def table(run_dirs: Sequence[Path]) -> str:
             f"| {r['mean']:.1f} +- {r['std']:.1f} | {r['bytes_up_per_round'] / 1e6:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def margin_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tuple[str, float]]) -> list[str]:
+    """Whether ``subject``'s final accuracy is at least each other run's plus a margin, one line each.
+
+    Args:
+        rows: run name -> its :func:`describe` row (``mean``: accuracy in %).
+        subject: the run under test.
+        margins: ``(other run, margin in accuracy points)``; a negative margin allows ``subject``
+            to be that much below. Pairs with a missing run are left out.
+
+    Returns:
+        Markdown lines, e.g. ``"- q8-avg >= q8-noavg + 3.0 points: 80.1 vs 72.2 + 3.0: holds"``.
+    """
+    if subject not in rows:
+        return []
+    lines = []
+    ours = rows[subject]["mean"]
+    for other, margin in margins:
+        if other not in rows:
+            continue
+        theirs = rows[other]["mean"]
+        sign = "+" if margin >= 0 else "-"
+        verdict = "holds" if ours >= theirs + margin else "does not hold"
+        lines.append(f"- {subject} >= {other} {sign} {abs(margin):.1f} points: "
+                     f"{ours:.1f} vs {theirs:.1f} {sign} {abs(margin):.1f}: {verdict}")
+    return lines
 
 
 def plot_curves(run_dirs: Sequence[Path], path: Path) -> None:
