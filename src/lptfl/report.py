@@ -64,7 +64,8 @@ def margin_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tu
             to be that much below. Pairs with a missing run are left out.
 
     Returns:
-        Markdown lines, e.g. ``"- q8-avg >= q8-noavg + 3.0 points: 80.1 vs 72.2 + 3.0: holds"``.
+        Markdown lines, e.g. ``"- q8-avg >= q8-noavg + 3.0 points: 80.12 vs 72.20 + 3.0: holds"``
+        (two decimals: a verdict near the margin is not hidden by the table's one-decimal rounding).
     """
     if subject not in rows:
         return []
@@ -77,7 +78,7 @@ def margin_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tu
         sign = "+" if margin >= 0 else "-"
         verdict = "holds" if ours >= theirs + margin else "does not hold"
         lines.append(f"- {subject} >= {other} {sign} {abs(margin):.1f} points: "
-                     f"{ours:.1f} vs {theirs:.1f} {sign} {abs(margin):.1f}: {verdict}")
+                     f"{ours:.2f} vs {theirs:.2f} {sign} {abs(margin):.1f}: {verdict}")
     return lines
 
 
