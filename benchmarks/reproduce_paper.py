@@ -22,10 +22,11 @@ import logging
 from pathlib import Path
 
 from lptfl.grid import GridRun, archive, run_grid
-from lptfl.report import describe, margin_verdicts, plot_curves, table
+from lptfl.report import describe, margin_verdicts, plot_curves, rows_table
 
 log = logging.getLogger("reproduce")
 
+PAPER_ROUNDS = 200
 PAPER_SETTING = [
     "--dataset", "fmnist", "--model_name", "ConvNet", "--num_clients", "80", "--frac", "0.4",
     "--epochs", "1", "--batch_size", "32", "--lr", "0.001", "--optimizer", "adam", "--block_dim", "BC",
@@ -66,22 +67,21 @@ def claim_section(rows: dict[str, dict], rounds: int) -> str:
     return f"\n## The paper's claim ({status})\n\n" + "\n".join(verdicts) + "\n"
 
 
-def write_table(out: Path, run_dirs: list[Path], alpha: float, rounds: int = 200) -> None:
+def write_table(out: Path, run_dirs: list[Path], alpha: float, rounds: int = PAPER_ROUNDS) -> None:
     """``table.md``: our runs (mean +- std of the last 5 rounds) beside the paper's numbers, and
     the paper's claim checked on them (final once every compared run has ``rounds`` rounds)."""
-    ours = table(run_dirs)
+    rows = {run_dir.name: describe(run_dir) for run_dir in run_dirs}
     lines = ["| config | rounds | ours (%) | paper (%) |", "| --- | --- | --- | --- |"]
-    rows = {}
     for run_dir in run_dirs:
-        row = describe(run_dir)
-        rows[run_dir.name] = row
+        row = rows[run_dir.name]
         config = run_dir.name.split("-s")[0]
         paper = PAPER.get(alpha, {}).get(config)
         paper_text = f"{paper[0]:.1f} +- {paper[1]:.1f}" if paper else "-"
         lines.append(f"| {run_dir.name} | {row['rounds']} | {row['mean']:.1f} +- {row['std']:.1f} | {paper_text} |")
     (out / "table.md").write_text(
         f"# Fashion-MNIST, alpha {alpha}: test accuracy of the served model, mean +- std of the last 5 rounds\n\n"
-        + "\n".join(lines) + "\n" + claim_section(rows, rounds) + "\n## Details\n\n" + ours
+        + "\n".join(lines) + "\n" + claim_section(rows, rounds)
+        + "\n## Details\n\n" + rows_table(list(rows.values()))
     )
 
 
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/fmnist-a0.01"))
     parser.add_argument("--configs", default="q8-avg,q8-noavg,fp32-noavg,q6-avg,fp32-avg")
     parser.add_argument("--alpha", type=float, default=0.01)
-    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=PAPER_ROUNDS)
     parser.add_argument("--seeds", default="0", help="comma-separated; seed 0 runs go in <config>/, others in <config>-s<seed>/")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),

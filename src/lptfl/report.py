@@ -41,7 +41,11 @@ def describe(run_dir: Path) -> dict:
 
 def table(run_dirs: Sequence[Path]) -> str:
     """A Markdown table: one row per run, test accuracy (%) as mean +- std over the last 5 rounds."""
-    rows = [describe(d) for d in run_dirs]
+    return rows_table([describe(d) for d in run_dirs])
+
+
+def rows_table(rows: Sequence[dict]) -> str:
+    """:func:`table` from rows already read with :func:`describe`."""
     lines = [
         "| run | dataset | alpha | averaging | precision | rounds | test accuracy (%) | uplink MB/round |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
