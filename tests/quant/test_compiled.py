@@ -32,7 +32,11 @@ def test_mismatch_exact_nan_tolerance_and_structure():
     assert "1 of 3 values differ" in mismatch(a + torch.tensor([0.0, 0.0, 1e-6]), a)
     assert "NaN" in mismatch(torch.tensor([1.0, 2.0, 3.0]), a)
     assert mismatch(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.001]), 1e-2) is None
-    assert "relative difference" in mismatch(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]), 1e-2)
+    assert "relative 0.316 > 0.01" in mismatch(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]), 1e-2)
+    small = torch.tensor(0.05)
+    assert "relative 0.2 > 0.1" in mismatch(small * 1.2, small, 0.1)  # 0.01 off a norm of 0.05
+    assert mismatch(small * 1.2, small, 0.1, floor=1.0) is None  # 0.01 off counts against 1.0
+    assert "relative 0.2 > 0.1" in mismatch(small + 0.2, small, 0.1, floor=1.0)
     assert "2 tensors instead of 1" in mismatch([a, a], [a])
     assert "float32[2]" in mismatch(torch.zeros(2), torch.zeros(3))
     assert "values differ" in mismatch(torch.tensor([1, 2]), torch.tensor([1, 3]))

@@ -32,14 +32,16 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def mismatch(compiled: Any, eager: Any, tolerance: float = 0.0) -> str | None:
+def mismatch(compiled: Any, eager: Any, tolerance: float = 0.0, floor: float = 0.0) -> str | None:
     """Why ``compiled`` differs from ``eager`` (tensors, or lists/tuples of them), or None.
 
     Args:
         compiled: the compiled function's result.
         eager: the eager function's result for the same inputs.
         tolerance: 0 for exact agreement (NaN matching NaN); otherwise the largest allowed
-            relative L2 difference ``|c - e| / |e|`` of each float tensor.
+            relative L2 difference ``|c - e| / max(|e|, floor)`` of each float tensor.
+        floor: the L2 norm below which differences count absolutely (in the tensors' units),
+            for results near zero whose relative differences mean nothing (e.g. a fitted loss).
     """
     ours, reference = _tensors(compiled), _tensors(eager)
     if len(ours) != len(reference):
@@ -61,8 +63,9 @@ def mismatch(compiled: Any, eager: Any, tolerance: float = 0.0) -> str | None:
                 return f"tensor {i}: {int((c64 != e64).sum())} of {e.numel()} values differ"
             continue
         diff, scale = float(torch.linalg.vector_norm(c64 - e64)), float(torch.linalg.vector_norm(e64))
-        if diff > tolerance * max(scale, torch.finfo(torch.float32).tiny):
-            return f"tensor {i}: relative difference {diff / max(scale, 1e-300):.3g} > {tolerance:g}"
+        if diff > tolerance * max(scale, floor, torch.finfo(torch.float32).tiny):
+            return (f"tensor {i}: difference {diff:.3g} over a norm of {scale:.3g}, relative "
+                    f"{diff / max(scale, floor, 1e-300):.3g} > {tolerance:g}")
     return None
 
 
