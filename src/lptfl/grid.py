@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -61,6 +62,10 @@ def run_command(run: GridRun, rounds: int, checkpoint_every: int = 1) -> list[st
             "--checkpoint_every", str(checkpoint_every), "--quiet"]
 
 
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
              after_each: Callable[[], None] | None = None, poll_s: float = 2.0,
              checkpoint_every: int = 1) -> None:
@@ -75,6 +80,10 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
         checkpoint_every: rounds between checkpoints of a starting run (an interrupted run
             loses at most this many rounds; a stop signal always checkpoints first).
 
+    SIGINT and SIGTERM stop the grid (KeyboardInterrupt) even where the shell started it in the
+    background with SIGINT ignored: each running process is sent SIGTERM, finishes its round and
+    saves a checkpoint.
+
     Raises:
         RuntimeError: a run's process failed (the others are left to finish first).
     """
@@ -85,6 +94,7 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
     pending = list(runs)
     active: list[tuple[GridRun, subprocess.Popen, float]] = []
     failures: list[str] = []
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         while pending or active:
             while pending and len(active) < parallel:
@@ -113,6 +123,8 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
             process.terminate()
         for _, process, _ in active:
             process.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if failures:
         raise RuntimeError(f"runs failed: {', '.join(failures)}")
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import tarfile
+import threading
+import time
 
 import pytest
 
@@ -34,6 +38,27 @@ def test_grid_reports_a_failed_run(tmp_path):
         run_grid([GridRun(tmp_path / "bad", ("--alpha", "-1"))], 1, poll_s=0.1)
     with pytest.raises(ValueError, match="parallel"):
         run_grid([], 1, parallel=0)
+
+
+def test_a_signal_stops_the_grid_started_with_sigint_ignored_and_each_run_checkpoints(tmp_path):
+    """A shell's background job ignores SIGINT; the grid still stops, and its run saves a round."""
+    run = GridRun(tmp_path / "r", TINY)
+
+    def interrupt_once_running() -> None:
+        while not (run.run_dir / "metrics.jsonl").exists():
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        threading.Thread(target=interrupt_once_running, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+            run_grid([run], 1000, poll_s=0.1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert 1 <= rounds_done(run.run_dir) < 1000
+    assert "--resume" in run_command(run, 1000)
 
 
 def test_run_command_sets_checkpoints_and_carries_where_a_resumed_run_runs(tmp_path):
