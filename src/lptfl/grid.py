@@ -71,6 +71,10 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
              checkpoint_every: int = 1) -> None:
     """Bring every run of ``runs`` to ``rounds`` rounds, ``parallel`` at a time.
 
+    SIGINT and SIGTERM stop the grid (KeyboardInterrupt), also where a shell started it in the
+    background with SIGINT ignored: each running process is sent SIGTERM and stops after saving
+    its round (one that also got the terminal's SIGINT stops at once, keeping its last checkpoint).
+
     Args:
         runs: the grid.
         rounds: rounds each run must reach.
@@ -79,10 +83,6 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
         poll_s: seconds between checks of the running processes.
         checkpoint_every: rounds between checkpoints of a starting run (an interrupted run
             loses at most this many rounds; a stop signal always checkpoints first).
-
-    SIGINT and SIGTERM stop the grid (KeyboardInterrupt) even where the shell started it in the
-    background with SIGINT ignored: each running process is sent SIGTERM, finishes its round and
-    saves a checkpoint.
 
     Raises:
         RuntimeError: a run's process failed (the others are left to finish first).
