@@ -72,12 +72,10 @@ def write_table(out: Path, run_dirs: list[Path], alpha: float, rounds: int = PAP
     the paper's claim checked on them (final once every compared run has ``rounds`` rounds)."""
     rows = {run_dir.name: describe(run_dir) for run_dir in run_dirs}
     lines = ["| config | rounds | ours (%) | paper (%) |", "| --- | --- | --- | --- |"]
-    for run_dir in run_dirs:
-        row = rows[run_dir.name]
-        config = run_dir.name.split("-s")[0]
-        paper = PAPER.get(alpha, {}).get(config)
+    for name, row in rows.items():
+        paper = PAPER.get(alpha, {}).get(name.split("-s")[0])
         paper_text = f"{paper[0]:.1f} +- {paper[1]:.1f}" if paper else "-"
-        lines.append(f"| {run_dir.name} | {row['rounds']} | {row['mean']:.1f} +- {row['std']:.1f} | {paper_text} |")
+        lines.append(f"| {name} | {row['rounds']} | {row['mean']:.1f} +- {row['std']:.1f} | {paper_text} |")
     (out / "table.md").write_text(
         f"# Fashion-MNIST, alpha {alpha}: test accuracy of the served model, mean +- std of the last 5 rounds\n\n"
         + "\n".join(lines) + "\n" + claim_section(rows, rounds)
