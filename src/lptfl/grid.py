@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lptfl.stop_signals import stop_signals_to
+
 log = logging.getLogger(__name__)
 
 # Flags a resumed run takes from the grid (where the data are, where it runs); all else is the run's own.
@@ -94,37 +96,35 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
     pending = list(runs)
     active: list[tuple[GridRun, subprocess.Popen, float]] = []
     failures: list[str] = []
-    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while pending or active:
-            while pending and len(active) < parallel:
-                run = pending.pop(0)
-                command = run_command(run, rounds, checkpoint_every)
-                if command is None:
-                    log.info("%s: finished already, skipped", run.run_dir.name)
-                    continue
-                log.info("%s: %s", run.run_dir.name, "resuming" if "--resume" in command else "starting")
-                active.append((run, subprocess.Popen(command, env=env), time.time()))
-            time.sleep(poll_s if active else 0)
-            for entry in list(active):
-                run, process, started = entry
-                if process.poll() is None:
-                    continue
-                active.remove(entry)
-                if process.returncode == 0:
-                    log.info("%s: done in %.0f s", run.run_dir.name, time.time() - started)
-                else:
-                    failures.append(f"{run.run_dir.name} (exit {process.returncode})")
-                    log.error("%s: failed with exit status %d", run.run_dir.name, process.returncode)
-                if after_each is not None:
-                    after_each()
-    finally:
-        for _, process, _ in active:  # interrupted: let each run checkpoint and stop
-            process.terminate()
-        for _, process, _ in active:
-            process.wait()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with stop_signals_to(_interrupt):
+        try:
+            while pending or active:
+                while pending and len(active) < parallel:
+                    run = pending.pop(0)
+                    command = run_command(run, rounds, checkpoint_every)
+                    if command is None:
+                        log.info("%s: finished already, skipped", run.run_dir.name)
+                        continue
+                    log.info("%s: %s", run.run_dir.name, "resuming" if "--resume" in command else "starting")
+                    active.append((run, subprocess.Popen(command, env=env), time.time()))
+                time.sleep(poll_s if active else 0)
+                for entry in list(active):
+                    run, process, started = entry
+                    if process.poll() is None:
+                        continue
+                    active.remove(entry)
+                    if process.returncode == 0:
+                        log.info("%s: done in %.0f s", run.run_dir.name, time.time() - started)
+                    else:
+                        failures.append(f"{run.run_dir.name} (exit {process.returncode})")
+                        log.error("%s: failed with exit status %d", run.run_dir.name, process.returncode)
+                    if after_each is not None:
+                        after_each()
+        finally:
+            for _, process, _ in active:  # interrupted: let each run checkpoint and stop
+                process.terminate()
+            for _, process, _ in active:
+                process.wait()
     if failures:
         raise RuntimeError(f"runs failed: {', '.join(failures)}")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
-import threading
 from pathlib import Path
 
 from tqdm import tqdm
@@ -32,6 +31,7 @@ from lptfl.sim.checkpoint import (
     write_config,
 )
 from lptfl.sim.engine import Simulation
+from lptfl.stop_signals import stop_signals_to
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,7 @@ def run_experiment(
         log.warning("%s: finishing round %d, then saving a checkpoint and stopping (repeat to stop at once)",
                     signal.Signals(signum).name, running["round"])
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, request_stop)
-    try:
+    with stop_signals_to(request_stop):
         bar = tqdm(total=config.c_rounds, initial=sim.round, desc="rounds", unit="round", disable=not progress)
         while sim.round < config.c_rounds:
             running["round"] = sim.round + 1
@@ -135,9 +131,6 @@ def run_experiment(
             if stop:
                 break
         bar.close()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     summary = summarize(config, read_metrics(out_dir), wall_time_s=sim.wall_time_s)
     write_summary(out_dir, summary)
     plot_curves([out_dir], out_dir / CURVES)
