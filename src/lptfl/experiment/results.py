@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lptfl.experiment.config import RunConfig
+from lptfl.quant.compute import fast_bf16_available
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -85,10 +86,23 @@ def summarize(config: RunConfig, rounds: list[dict], *, wall_time_s: float) -> d
     }
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else ``platform.processor()`` ('' if unknown)."""
+    try:
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def machine(device: str) -> dict:
-    """Where a run ran: platform, processor, CPU count, torch version and, on CUDA, the GPU's name."""
-    info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "device": device}
+    """Where a run ran: platform, CPU model, CPU count, torch version, whether 8-bit products ran in
+    bf16 (``fast_bf16``: a CPU with AVX512-BF16/AMX or a CUDA GPU) and, on CUDA, the GPU's name."""
+    info = {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "device": device, "fast_bf16": fast_bf16_available(device)}
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["accelerator"] = torch.cuda.get_device_name(torch.device(device))
     return info
