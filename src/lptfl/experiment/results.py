@@ -99,8 +99,9 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
 
 def machine(device: str) -> dict:
-    """Where a run ran: platform, CPU model, CPU count, torch version, whether 8-bit products ran in
-    bf16 (``fast_bf16``: a CPU with AVX512-BF16/AMX or a CUDA GPU) and, on CUDA, the GPU's name."""
+    """Where a run ran: platform, CPU model, CPU count, torch version, whether the device does bf16
+    products fast (``fast_bf16``: a CPU with AVX512-BF16/AMX or a CUDA GPU; under ``--compute auto``
+    the 8-bit products then run in bf16) and, on CUDA, the GPU's name."""
     info = {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "device": device, "fast_bf16": fast_bf16_available(device)}
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
