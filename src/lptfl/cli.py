@@ -99,6 +99,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     parser.add_argument("--resume", type=Path, metavar="DIR",
                         help="continue the run in DIR from its checkpoint, with its saved config.json")
+    parser.add_argument("--stop_after", type=int, metavar="ROUND",
+                        help="stop after this round with a checkpoint (exit 0); --resume continues the run")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return parser
 
@@ -154,7 +156,7 @@ def _command_run(args: argparse.Namespace) -> int:
     try:
         summary = run_experiment(
             config, out, overwrite=getattr(args, "overwrite", False), progress=not getattr(args, "quiet", False),
-            resume=resume is not None,
+            resume=resume is not None, stop_after=getattr(args, "stop_after", None),
         )
     except OutputExistsError as err:
         print(f"lptfl: {err}", file=sys.stderr)
@@ -162,8 +164,11 @@ def _command_run(args: argparse.Namespace) -> int:
     except RunInterrupted as err:
         print(f"lptfl: {err}", file=sys.stderr)
         return 128 + err.signum
+    head = "final accuracy" if summary["rounds"] >= config.c_rounds else (
+        f"paused after round {summary['rounds']} of {config.c_rounds} (continue with: lptfl run --resume {out}); "
+        "accuracy")
     print(
-        f"final accuracy {summary['final_accuracy_mean']:.4f} +- {summary['final_accuracy_std']:.4f} "
+        f"{head} {summary['final_accuracy_mean']:.4f} +- {summary['final_accuracy_std']:.4f} "
         f"(last 5 rounds); uplink {summary['bytes_up_total']} B, downlink {summary['bytes_down_total']} B; "
         f"{summary['wall_time_s']:.1f} s; results in {out}"
     )

@@ -4,7 +4,8 @@ Each run is one ``lptfl run`` process writing into its own folder with a checkpo
 round. A run whose ``summary.json`` reports all its rounds is skipped; a run with a saved
 config continues with ``--resume``. Up to ``parallel`` runs go at once, each given an equal
 share of the CPU threads, so several long runs advance together and an interruption
-loses at most one round of each.
+loses at most one round of each. With more runs than processes, runs can take turns of a
+few rounds each (``turn_rounds``): all advance together without more processes than cores.
 """
 
 from __future__ import annotations
@@ -46,29 +47,32 @@ def rounds_done(run_dir: Path) -> int:
     return 0
 
 
-def run_command(run: GridRun, rounds: int, checkpoint_every: int = 1) -> list[str] | None:
+def run_command(run: GridRun, rounds: int, checkpoint_every: int = 1,
+                stop_after: int | None = None) -> list[str] | None:
     """The command that starts or resumes ``run`` to ``rounds`` rounds; None when it is done.
 
     ``checkpoint_every`` applies to a run's start (a resumed run keeps its saved setting); a
     resumed run takes ``--device``, ``--data_path`` and ``--compile`` from the grid's flags, so a
-    run started on one machine continues on another.
+    run started on one machine continues on another. ``stop_after`` (a round below ``rounds``)
+    pauses the run there with a checkpoint; the run's own length stays ``rounds``.
     """
     if rounds_done(run.run_dir) >= rounds:
         return None
+    pause = [] if stop_after is None or stop_after >= rounds else ["--stop_after", str(stop_after)]
     if (run.run_dir / "config.json").exists():
         overrides = [part for i, flag in enumerate(run.flags[:-1]) if flag in RESUME_OVERRIDES
                      for part in (flag, run.flags[i + 1])]
         return [sys.executable, "-m", "lptfl", "run", "--resume", str(run.run_dir), *overrides,
-                "--c_rounds", str(rounds), "--quiet"]
+                "--c_rounds", str(rounds), *pause, "--quiet"]
     return [sys.executable, "-m", "lptfl", "run", *run.flags, "--c_rounds", str(rounds), "--out", str(run.run_dir),
-            "--checkpoint_every", str(checkpoint_every), "--quiet"]
+            "--checkpoint_every", str(checkpoint_every), *pause, "--quiet"]
 
 
 def _interrupt(signum: int, _frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
+def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1, turn_rounds: int = 0,
              after_each: Callable[[], None] | None = None, poll_s: float = 2.0,
              checkpoint_every: int = 1) -> None:
     """Bring every run of ``runs`` to ``rounds`` rounds, ``parallel`` at a time.
@@ -81,6 +85,11 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
         runs: the grid.
         rounds: rounds each run must reach.
         parallel: processes at once; each gets ``max(1, cpus // parallel)`` threads.
+        turn_rounds: rounds a run advances in one turn before it yields its process to the
+            next waiting run and queues again (0: a run goes to ``rounds`` in one turn). With
+            three runs on two cores, ``parallel=2, turn_rounds=5`` keeps all three advancing
+            with two single-thread processes, which finish more rounds per hour than three
+            processes sharing two cores.
         after_each: called after each process ends (e.g. to rewrite a table).
         poll_s: seconds between checks of the running processes.
         checkpoint_every: rounds between checkpoints of a starting run (an interrupted run
@@ -91,29 +100,42 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
     """
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
+    if turn_rounds < 0:
+        raise ValueError(f"turn_rounds must be >= 0 (0: no turns), got {turn_rounds}")
     threads = max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending = list(runs)
-    active: list[tuple[GridRun, subprocess.Popen, float]] = []
+    active: list[tuple[GridRun, subprocess.Popen, float, int]] = []
     failures: list[str] = []
     with stop_signals_to(_interrupt):
         try:
             while pending or active:
                 while pending and len(active) < parallel:
                     run = pending.pop(0)
-                    command = run_command(run, rounds, checkpoint_every)
+                    before = rounds_done(run.run_dir)
+                    stop_after = before + turn_rounds if turn_rounds else None
+                    command = run_command(run, rounds, checkpoint_every, stop_after)
                     if command is None:
                         log.info("%s: finished already, skipped", run.run_dir.name)
                         continue
-                    log.info("%s: %s", run.run_dir.name, "resuming" if "--resume" in command else "starting")
-                    active.append((run, subprocess.Popen(command, env=env), time.time()))
+                    log.info("%s: %s%s", run.run_dir.name, "resuming" if "--resume" in command else "starting",
+                             f" until round {stop_after}" if "--stop_after" in command else "")
+                    active.append((run, subprocess.Popen(command, env=env), time.time(), before))
                 time.sleep(poll_s if active else 0)
                 for entry in list(active):
-                    run, process, started = entry
+                    run, process, started, before = entry
                     if process.poll() is None:
                         continue
                     active.remove(entry)
-                    if process.returncode == 0:
+                    done = rounds_done(run.run_dir)
+                    if process.returncode == 0 and before < done < rounds:
+                        log.info("%s: round %d reached in %.0f s, queued for its next turn",
+                                 run.run_dir.name, done, time.time() - started)
+                        pending.append(run)
+                    elif process.returncode == 0 and done < rounds:
+                        failures.append(f"{run.run_dir.name} (stopped at round {done} of {rounds} without progress)")
+                        log.error("%s: ended at round %d of %d without progress", run.run_dir.name, done, rounds)
+                    elif process.returncode == 0:
                         log.info("%s: done in %.0f s", run.run_dir.name, time.time() - started)
                     else:
                         failures.append(f"{run.run_dir.name} (exit {process.returncode})")
@@ -121,9 +143,9 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1,
                     if after_each is not None:
                         after_each()
         finally:
-            for _, process, _ in active:  # interrupted: let each run checkpoint and stop
+            for _, process, _, _ in active:  # interrupted: let each run checkpoint and stop
                 process.terminate()
-            for _, process, _ in active:
+            for _, process, _, _ in active:
                 process.wait()
     if failures:
         raise RuntimeError(f"runs failed: {', '.join(failures)}")

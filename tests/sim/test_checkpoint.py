@@ -215,3 +215,19 @@ def test_algorithm_state_survives_a_checkpoint(tmp_path):
             assert torch.equal(value, resumed.server.global_state[name]), name
     finally:
         torch.set_num_threads(threads)
+
+
+def test_stop_after_pauses_with_a_checkpoint_and_resume_continues_exactly(interrupted, tmp_path, capsys):
+    dirs, _ = interrupted
+    paused = tmp_path / "paused"
+    assert main(["run", *ARGS, "--out", str(paused), "--checkpoint_every", "0", "--stop_after", "2"]) == 0
+    assert "paused after round 2 of 4" in capsys.readouterr().out
+    summary = json.loads((paused / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["config"]["c_rounds"] == 4
+    assert ckpt.load_checkpoint(paused).round == 2  # saved although --checkpoint_every 0: it is for resuming
+    assert main(["run", "--resume", str(paused), "--stop_after", "2", "--quiet"]) == 0  # reached already
+    assert complete_lines(paused / "metrics.jsonl") == 2
+    assert main(["run", "--resume", str(paused), "--quiet"]) == 0
+    assert rounds_without_timings(paused) == rounds_without_timings(dirs["reference"])
+    with pytest.raises(ValueError, match="stop_after"):
+        run_experiment(RunConfig(compile="off"), tmp_path / "bad", progress=False, stop_after=0)

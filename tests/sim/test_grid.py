@@ -33,6 +33,21 @@ def test_grid_runs_in_parallel_skips_finished_runs_and_extends_a_partial_one(tmp
     assert not any("checkpoint" in n for n in names)
 
 
+def test_runs_take_turns_of_rounds_keeping_their_full_length(tmp_path):
+    runs = [GridRun(tmp_path / f"s{seed}", (*TINY, "--seed", str(seed))) for seed in (0, 1)]
+    progress = []
+    run_grid(runs, 2, parallel=1, turn_rounds=1, poll_s=0.1,
+             after_each=lambda: progress.append(tuple(rounds_done(r.run_dir) for r in runs)))
+    assert progress == [(1, 0), (1, 1), (2, 1), (2, 2)]
+    for run in runs:
+        assert json.loads((run.run_dir / "config.json").read_text())["c_rounds"] == 2
+    resume = run_command(runs[0], 5, stop_after=3)
+    assert resume[resume.index("--stop_after") + 1] == "3" and resume[resume.index("--c_rounds") + 1] == "5"
+    assert "--stop_after" not in run_command(runs[0], 5, stop_after=5)
+    with pytest.raises(ValueError, match="turn_rounds"):
+        run_grid(runs, 2, turn_rounds=-1)
+
+
 def test_grid_reports_a_failed_run(tmp_path):
     with pytest.raises(RuntimeError, match="bad"):
         run_grid([GridRun(tmp_path / "bad", ("--alpha", "-1"))], 1, poll_s=0.1)

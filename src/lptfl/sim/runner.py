@@ -67,7 +67,8 @@ def prepare_output(out_dir: Path, *, overwrite: bool) -> None:
 
 
 def run_experiment(
-    config: RunConfig, out_dir: Path, *, overwrite: bool = False, progress: bool = True, resume: bool = False
+    config: RunConfig, out_dir: Path, *, overwrite: bool = False, progress: bool = True, resume: bool = False,
+    stop_after: int | None = None,
 ) -> dict:
     """Run ``config`` for ``config.c_rounds`` rounds, writing results into ``out_dir``.
 
@@ -75,7 +76,9 @@ def run_experiment(
     (:mod:`lptfl.sim.checkpoint`). With ``resume`` the run in ``out_dir`` continues from its
     checkpoint (``config`` must have its fingerprint). SIGINT/SIGTERM finish the current round,
     write its metrics line, a checkpoint and the summary of the rounds so far (``rounds`` below
-    ``config.c_rounds``), then raise :class:`RunInterrupted`.
+    ``config.c_rounds``), then raise :class:`RunInterrupted`. ``stop_after`` ends the run the
+    same way after that round, without an error, so that a later ``resume`` continues it (runs
+    taking turns on a shared CPU, :func:`lptfl.grid.run_grid`).
 
     Returns:
         The summary (also written to ``out_dir/summary.json``).
@@ -83,6 +86,9 @@ def run_experiment(
     from lptfl.report import plot_curves
 
     config.validate()
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be a round >= 1, got {stop_after}")
+    last_round = config.c_rounds if stop_after is None else min(stop_after, config.c_rounds)
     out_dir = Path(out_dir)
     checkpoint = None
     if resume:
@@ -118,13 +124,13 @@ def run_experiment(
 
     with stop_signals_to(request_stop):
         bar = tqdm(total=config.c_rounds, initial=sim.round, desc="rounds", unit="round", disable=not progress)
-        while sim.round < config.c_rounds:
+        while sim.round < last_round:
             running["round"] = sim.round + 1
             metrics = sim.run_round()
             append_metrics(out_dir, metrics)
             lines += 1
             every = config.checkpoint_every
-            if stop or (every and (sim.round % every == 0 or sim.round == config.c_rounds)):
+            if stop or sim.round == stop_after or (every and (sim.round % every == 0 or sim.round == config.c_rounds)):
                 save_checkpoint(out_dir, sim, metrics_lines=lines)
             bar.update(1)
             bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.train_loss:.3f}")
@@ -134,6 +140,6 @@ def run_experiment(
     summary = summarize(config, read_metrics(out_dir), wall_time_s=sim.wall_time_s)
     write_summary(out_dir, summary)
     plot_curves([out_dir], out_dir / CURVES)
-    if sim.round < config.c_rounds:
+    if sim.round < last_round:
         raise RunInterrupted(stop["signum"], sim.round, out_dir)
     return summary
