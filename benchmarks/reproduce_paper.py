@@ -11,7 +11,7 @@ Each configuration runs in its own ``lptfl run`` process into ``<out>/<config>[-
 checkpoint every round (:mod:`lptfl.grid`). Finished runs (summary.json with all rounds) are
 skipped; a run with a checkpoint continues with ``--resume``; ``--parallel N`` advances N runs
 together, and ``--turn_rounds K`` lets more runs than processes take turns of K rounds (three runs
-on two cores: ``--parallel 2 --turn_rounds 5``, faster than ``--parallel 3``). Afterwards
+on two cores: ``--parallel 2 --turn_rounds 5``, one process per core). Afterwards
 ``<out>/table.md`` (mean +- std of the last 5 rounds beside the paper's numbers) and
 ``<out>/curves.png`` are (re)written from whatever exists, so partial progress is always visible.
 """

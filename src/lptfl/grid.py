@@ -88,8 +88,7 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1, turn_ro
         turn_rounds: rounds a run advances in one turn before it yields its process to the
             next waiting run and queues again (0: a run goes to ``rounds`` in one turn). With
             three runs on two cores, ``parallel=2, turn_rounds=5`` keeps all three advancing
-            with two single-thread processes, which finish more rounds per hour than three
-            processes sharing two cores.
+            with one process per core (one run's memory fewer than ``parallel=3``).
         after_each: called after each process ends (e.g. to rewrite a table).
         poll_s: seconds between checks of the running processes.
         checkpoint_every: rounds between checkpoints of a starting run (an interrupted run
