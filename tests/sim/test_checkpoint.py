@@ -16,7 +16,8 @@ from lptfl.sim import checkpoint as ckpt
 from lptfl.sim import runner
 from lptfl.sim.runner import OutputExistsError, prepare_output, run_experiment
 
-ARGS = ["--compile", "off", "--model_width", "8", "--c_rounds", "4", "--num_clients", "4", "--frac", "0.5",
+ROUNDS = 6
+ARGS = ["--compile", "off", "--model_width", "8", "--c_rounds", str(ROUNDS), "--num_clients", "4", "--frac", "0.5",
         "--quiet"]
 TIMINGS = ("round_time_s", "wall_time_s", "phase_s")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # 2 shared cores: no thread oversubscription
@@ -42,12 +43,20 @@ def complete_lines(path):
         return 0
 
 
-def wait_for_lines(path, n, process, timeout=240):
+def signal_after_lines(targets, timeout=240):
+    """Watch every process at once and send each its signal as soon as its metrics file has the given
+    number of complete lines. targets: name -> (process, metrics path, lines, signal)."""
+    pending = dict(targets)
     deadline = time.monotonic() + timeout
-    while complete_lines(path) < n:
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} did not reach {n} lines"
-        time.sleep(0.02)
+    while pending:
+        for name, (process, path, lines, signum) in list(pending.items()):
+            if complete_lines(path) >= lines:
+                process.send_signal(signum)
+                del pending[name]
+            else:
+                assert process.poll() is None, (name, process.communicate())
+        assert time.monotonic() < deadline, f"{sorted(pending)} did not reach their lines"
+        time.sleep(0.01)
 
 
 def rounds_without_timings(run_dir):
@@ -75,10 +84,8 @@ def interrupted(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     dirs = {name: base / name for name in ("reference", "killed", "terminated")}
     procs = {name: start(*ARGS, "--out", str(dirs[name])) for name in ("killed", "terminated")}
-    wait_for_lines(dirs["terminated"] / "metrics.jsonl", 1, procs["terminated"])
-    procs["terminated"].send_signal(signal.SIGTERM)
-    wait_for_lines(dirs["killed"] / "metrics.jsonl", 2, procs["killed"])
-    procs["killed"].kill()
+    signal_after_lines({"terminated": (procs["terminated"], dirs["terminated"] / "metrics.jsonl", 1, signal.SIGTERM),
+                        "killed": (procs["killed"], dirs["killed"] / "metrics.jsonl", 2, signal.SIGKILL)})
     results = {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
     assert results["killed"][0] == -signal.SIGKILL
     threads = torch.get_num_threads()
@@ -99,7 +106,7 @@ def test_sigkilled_run_resumes_to_the_same_metrics_and_model(interrupted):
     assert rounds_without_timings(dirs["killed"]) == rounds_without_timings(dirs["reference"])
     assert_same_final_state(dirs["killed"], dirs["reference"])
     summary = json.loads((dirs["killed"] / "summary.json").read_text())
-    assert summary["rounds"] == 4
+    assert summary["rounds"] == ROUNDS
 
 
 def test_sigterm_finishes_the_round_checkpoints_and_resumes_exactly(interrupted):
@@ -109,7 +116,7 @@ def test_sigterm_finishes_the_round_checkpoints_and_resumes_exactly(interrupted)
     assert "SIGTERM" in stderr and "--resume" in stderr
     lines = complete_lines(dirs["terminated"] / "metrics.jsonl")
     saved = ckpt.load_checkpoint(dirs["terminated"])
-    assert 1 <= lines < 4 and saved.round == saved.metrics_lines == lines
+    assert 1 <= lines < ROUNDS and saved.round == saved.metrics_lines == lines
     assert (dirs["terminated"] / "metrics.jsonl").read_bytes().endswith(b"\n")
     partial = json.loads((dirs["terminated"] / "summary.json").read_text())  # the rounds so far, for tables
     assert partial["rounds"] == lines < partial["config"]["c_rounds"] and partial["machine"]["device"] == "cpu"
@@ -221,9 +228,9 @@ def test_stop_after_pauses_with_a_checkpoint_and_resume_continues_exactly(interr
     dirs, _ = interrupted
     paused = tmp_path / "paused"
     assert main(["run", *ARGS, "--out", str(paused), "--checkpoint_every", "0", "--stop_after", "2"]) == 0
-    assert "paused after round 2 of 4" in capsys.readouterr().out
+    assert f"paused after round 2 of {ROUNDS}" in capsys.readouterr().out
     summary = json.loads((paused / "summary.json").read_text())
-    assert summary["rounds"] == 2 and summary["config"]["c_rounds"] == 4
+    assert summary["rounds"] == 2 and summary["config"]["c_rounds"] == ROUNDS
     assert ckpt.load_checkpoint(paused).round == 2  # saved although --checkpoint_every 0: it is for resuming
     assert main(["run", "--resume", str(paused), "--stop_after", "2", "--quiet"]) == 0  # reached already
     assert complete_lines(paused / "metrics.jsonl") == 2
