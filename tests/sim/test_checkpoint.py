@@ -159,6 +159,56 @@ def test_crash_between_metrics_and_checkpoint_reruns_the_round(tmp_path, monkeyp
     assert len(snapshots) == 1 and snapshots[0].name == final.snapshot
 
 
+def test_a_resume_stopped_or_failing_while_set_up_keeps_the_summary(tmp_path, monkeypatch):
+    """A stop signal that lands while a resumed run is still being set up (a grid stopped just as a
+    run's turn starts) ends it before any round with the summary and curves of the rounds so far; a
+    resume that fails to set up leaves them untouched."""
+    run_dir = tmp_path / "run"
+    options = dict(compile="off", model_width=4, num_clients=3, frac=1.0, c_rounds=3)
+    run_experiment(RunConfig(**options), run_dir, progress=False, stop_after=1)
+    before = json.loads((run_dir / "summary.json").read_text())
+    real_simulation = runner.Simulation
+
+    def failing_simulation(config, out_dir):
+        raise RuntimeError("simulated set-up failure")
+
+    monkeypatch.setattr(runner, "Simulation", failing_simulation)
+    with pytest.raises(RuntimeError, match="set-up failure"):
+        run_experiment(ckpt.resume_config(run_dir, {}), run_dir, progress=False, resume=True)
+    assert json.loads((run_dir / "summary.json").read_text()) == before and (run_dir / "curves.png").exists()
+
+    def signalled_simulation(config, out_dir):
+        signal.raise_signal(signal.SIGINT)
+        return real_simulation(config, out_dir)
+
+    monkeypatch.setattr(runner, "Simulation", signalled_simulation)
+    with pytest.raises(runner.RunInterrupted, match="after round 1"):
+        run_experiment(ckpt.resume_config(run_dir, {}), run_dir, progress=False, resume=True)
+    after = json.loads((run_dir / "summary.json").read_text())
+    assert after["rounds"] == 1 and after["final_accuracy_mean"] == before["final_accuracy_mean"]
+    assert (run_dir / "curves.png").exists() and complete_lines(run_dir / "metrics.jsonl") == 1
+    assert ckpt.load_checkpoint(run_dir).round == 1
+    monkeypatch.setattr(runner, "Simulation", real_simulation)
+    assert run_experiment(ckpt.resume_config(run_dir, {}), run_dir, progress=False, resume=True)["rounds"] == 3
+
+
+def test_resume_refuses_to_restart_a_run_whose_checkpoint_is_lost(tmp_path, capsys):
+    """Rounds beyond the first checkpoint and no checkpoint: the file was lost (a fresh clone), and
+    resuming would silently restart from round 0; before the first checkpoint, restarting is right."""
+    run_dir = tmp_path / "run"
+    options = dict(compile="off", model_width=4, num_clients=3, frac=1.0, c_rounds=3, checkpoint_every=1)
+    run_experiment(RunConfig(**options), run_dir, progress=False, stop_after=2)
+    (run_dir / ckpt.CHECKPOINT).unlink()
+    metrics, first_two = (run_dir / "metrics.jsonl").read_bytes(), rounds_without_timings(run_dir)
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "has 2 rounds but checkpoint.safetensors is missing" in err and "every 1 round" in err
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics and (run_dir / "summary.json").exists()
+    (run_dir / "metrics.jsonl").write_bytes(metrics.split(b"\n")[0] + b"\n")  # killed before round 1's checkpoint
+    assert run_experiment(ckpt.resume_config(run_dir, {}), run_dir, progress=False, resume=True)["rounds"] == 3
+    assert rounds_without_timings(run_dir)[:2] == first_two  # the restart ran the same rounds again
+
+
 def test_resume_refuses_changed_settings(tmp_path, capsys):
     ckpt.write_config(tmp_path, RunConfig(c_rounds=4, seed=3, lr_schedule="cosine"))
     assert main(["run", "--resume", str(tmp_path), "--c_rounds", "9", "--seed", "3"]) == 2

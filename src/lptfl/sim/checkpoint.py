@@ -372,6 +372,31 @@ def truncate_metrics(run_dir: Path, lines: int, metrics_name: str = "metrics.jso
             os.fsync(handle.fileno())
 
 
+def refuse_restart_without_checkpoint(run_dir: Path, metrics_name: str = "metrics.jsonl") -> None:
+    """Refuse to resume ``run_dir`` from round 0 when its checkpoint must have existed.
+
+    A run without a checkpoint restarts from the beginning and cuts ``metrics.jsonl``; that is
+    right when it stopped before its first checkpoint (at most ``checkpoint_every`` rounds in),
+    but with more rounds written the checkpoint was removed or lost (e.g. a fresh clone, where
+    checkpoints are not committed), and restarting would throw those rounds away unannounced.
+
+    Raises:
+        CheckpointError: the run has more complete metrics lines than ``checkpoint_every``
+            (its saved setting, > 0) and no checkpoint.
+    """
+    run_dir = Path(run_dir)
+    every = read_config(run_dir).checkpoint_every
+    path = run_dir / metrics_name
+    lines = path.read_bytes().count(b"\n") if path.exists() else 0
+    if every and lines > every and not (run_dir / CHECKPOINT).exists():
+        raise CheckpointError(
+            f"cannot resume {run_dir}: {metrics_name} has {lines} rounds but {CHECKPOINT} is missing (the run "
+            f"writes one every {every} round(s), so it was removed or lost); resuming would start again from "
+            f"round 0 and cut those rounds: move {path} elsewhere to restart the run, or start it anew with "
+            "--out and --overwrite"
+        )
+
+
 def remove_checkpoints(run_dir: Path) -> None:
     """Delete the checkpoint, the saved config and client-state snapshots (``--overwrite``)."""
     run_dir = Path(run_dir)

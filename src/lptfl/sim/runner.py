@@ -24,6 +24,7 @@ from lptfl.sim.checkpoint import (
     CONFIG,
     CheckpointError,
     load_checkpoint,
+    refuse_restart_without_checkpoint,
     remove_checkpoints,
     restore_simulation,
     save_checkpoint,
@@ -90,42 +91,51 @@ def run_experiment(
         raise ValueError(f"stop_after must be a round >= 1, got {stop_after}")
     last_round = config.c_rounds if stop_after is None else min(stop_after, config.c_rounds)
     out_dir = Path(out_dir)
-    checkpoint = None
-    if resume:
-        if not (out_dir / CONFIG).exists():
-            raise FileNotFoundError(f"cannot resume {out_dir}: no {CONFIG} there")
-        checkpoint = load_checkpoint(out_dir)
-        if checkpoint is not None and checkpoint.fingerprint != config.fingerprint():
-            raise CheckpointError(f"cannot resume {out_dir}: its checkpoint belongs to other settings (fingerprint "
-                                  f"{checkpoint.fingerprint}, these settings' is {config.fingerprint()})")
-        for name in (SUMMARY, CURVES):
-            if (out_dir / name).exists():
-                (out_dir / name).unlink()
-        write_config(out_dir, config)  # same experiment; records e.g. a larger --c_rounds
-    else:
-        prepare_output(out_dir, overwrite=overwrite)
-        write_config(out_dir, config)
-    sim = Simulation(config, out_dir)
-    lines = 0
-    if resume:
-        restore_simulation(sim, checkpoint)
-        lines = checkpoint.metrics_lines if checkpoint is not None else 0
-        truncate_metrics(out_dir, lines, METRICS)
-        log.info("resuming %s after round %d", out_dir, sim.round)
     stop: dict[str, int] = {}
-    running = {"round": sim.round + 1}  # the round in progress (the server counts it done before evaluation)
+    running: dict[str, int | None] = {"round": None}  # the round in progress; None while the run is set up
 
     def request_stop(signum: int, _frame) -> None:
         if stop:
             raise KeyboardInterrupt  # a second signal: stop at once (the last checkpoint stays valid)
         stop["signum"] = signum
-        log.warning("%s: finishing round %d, then saving a checkpoint and stopping (repeat to stop at once)",
-                    signal.Signals(signum).name, running["round"])
+        name = signal.Signals(signum).name
+        if running["round"] is None:
+            log.warning("%s: stopping before the next round; the summary of the rounds so far is rewritten", name)
+        else:
+            log.warning("%s: finishing round %d, then saving a checkpoint and stopping (repeat to stop at once)",
+                        name, running["round"])
 
+    # Held from the start until the summary is written, so that a stop signal at any point (even
+    # while the run is being set up) still leaves a summary of the rounds so far.
     with stop_signals_to(request_stop):
+        checkpoint = None
+        if resume:
+            if not (out_dir / CONFIG).exists():
+                raise FileNotFoundError(f"cannot resume {out_dir}: no {CONFIG} there")
+            checkpoint = load_checkpoint(out_dir)
+            if checkpoint is None:
+                refuse_restart_without_checkpoint(out_dir, METRICS)
+            elif checkpoint.fingerprint != config.fingerprint():
+                raise CheckpointError(f"cannot resume {out_dir}: its checkpoint belongs to other settings "
+                                      f"(fingerprint {checkpoint.fingerprint}, these settings' is "
+                                      f"{config.fingerprint()})")
+            write_config(out_dir, config)  # same experiment; records e.g. a larger --c_rounds
+        else:
+            prepare_output(out_dir, overwrite=overwrite)
+            write_config(out_dir, config)
+        sim = Simulation(config, out_dir)
+        lines = 0
+        if resume:
+            restore_simulation(sim, checkpoint)
+            lines = checkpoint.metrics_lines if checkpoint is not None else 0
+            truncate_metrics(out_dir, lines, METRICS)
+            log.info("resuming %s after round %d", out_dir, sim.round)
+            for name in (SUMMARY, CURVES):  # stale from here on; rewritten when the run ends or is stopped
+                if (out_dir / name).exists():
+                    (out_dir / name).unlink()
         bar = tqdm(total=config.c_rounds, initial=sim.round, desc="rounds", unit="round", disable=not progress)
-        while sim.round < last_round:
-            running["round"] = sim.round + 1
+        while sim.round < last_round and not stop:
+            running["round"] = sim.round + 1  # the server counts a round done before its evaluation
             metrics = sim.run_round()
             append_metrics(out_dir, metrics)
             lines += 1
@@ -134,12 +144,10 @@ def run_experiment(
                 save_checkpoint(out_dir, sim, metrics_lines=lines)
             bar.update(1)
             bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.train_loss:.3f}")
-            if stop:
-                break
         bar.close()
-    summary = summarize(config, read_metrics(out_dir), wall_time_s=sim.wall_time_s)
-    write_summary(out_dir, summary)
-    plot_curves([out_dir], out_dir / CURVES)
+        summary = summarize(config, read_metrics(out_dir), wall_time_s=sim.wall_time_s)
+        write_summary(out_dir, summary)
+        plot_curves([out_dir], out_dir / CURVES)
     if sim.round < last_round:
         raise RunInterrupted(stop["signum"], sim.round, out_dir)
     return summary
