@@ -100,7 +100,8 @@ def run_experiment(
         stop["signum"] = signum
         name = signal.Signals(signum).name
         if running["round"] is None:
-            log.warning("%s: stopping before the next round; the summary of the rounds so far is rewritten", name)
+            log.warning("%s: stopping before the next round, once the summary of the rounds so far is written "
+                        "(repeat to stop at once)", name)
         else:
             log.warning("%s: finishing round %d, then saving a checkpoint and stopping (repeat to stop at once)",
                         name, running["round"])
