@@ -7,9 +7,12 @@ model: it loads the checkpoint of each run folder given (the server moving avera
 keeps one, else the global model) and evaluates it on the full test set under both.
 
     python benchmarks/eval_precision_gap.py RUN_DIR [RUN_DIR ...] [--data_path DIR] [--threads N]
+        [--test_batch_size B]
 
 Prints one line per run: round, which model, test accuracy (%) and loss (nats) under each, and the
-accuracy gap full - policy in points.
+accuracy gap full - policy in points. Activation exponents are shared per tensor, i.e. per test
+batch, so the batch size matters to the ``policy`` score: ``--test_batch_size`` (default: the run's
+own) measures how much.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from lptfl.fl import evaluate
 from lptfl.sim.checkpoint import CheckpointError, load_checkpoint, read_config
 
 
-def score(run_dir: Path, data_path: str | None) -> str:
+def score(run_dir: Path, data_path: str | None, test_batch_size: int | None = None) -> str:
     """One result line for the run in ``run_dir`` (see the module docstring)."""
     config = read_config(run_dir)
     checkpoint = load_checkpoint(run_dir)
@@ -36,14 +39,15 @@ def score(run_dir: Path, data_path: str | None) -> str:
     served, which = ((checkpoint.average_state, "average") if checkpoint.average_state
                      else (checkpoint.global_state, "global"))
     example = data.train_x[: config.batch_size]
+    batch_size = test_batch_size or config.test_batch_size
     results = {}
     for precision in ("policy", "full"):
         model = build_run_model(config, data)
         dataclasses.replace(config, eval_precision=precision).eval_policy().prepare_model(model, example)
         model.load_state_dict(served)
-        results[precision] = evaluate(model, data.test_x, data.test_y, batch_size=config.test_batch_size)
+        results[precision] = evaluate(model, data.test_x, data.test_y, batch_size=batch_size)
     (policy_loss, policy_acc), (full_loss, full_acc) = results["policy"], results["full"]
-    return (f"{run_dir.name} round {checkpoint.round} ({which} model): policy {100 * policy_acc:.2f}% "
+    return (f"{run_dir.name} round {checkpoint.round} ({which} model, test batch {batch_size}): policy {100 * policy_acc:.2f}% "
             f"(loss {policy_loss:.4f}), full {100 * full_acc:.2f}% (loss {full_loss:.4f}); "
             f"full - policy {100 * (full_acc - policy_acc):+.2f} points")
 
@@ -53,10 +57,11 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders holding config.json and a checkpoint")
     parser.add_argument("--data_path", default=None, help="where the dataset is (default: the run's own)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--test_batch_size", type=int, default=None, help="default: the run's own")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for run_dir in args.runs:
-        print(score(run_dir, args.data_path))
+        print(score(run_dir, args.data_path, args.test_batch_size))
 
 
 if __name__ == "__main__":

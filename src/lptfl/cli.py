@@ -32,6 +32,8 @@ _HELP = {
     "block_dim": "exponent layout of weights and gradients: BC, B or tensor",
     "small_block": "FC, Conv or None: which small tensors use one exponent",
     "quant_type": "stochastic or nearest rounding",
+    "downlink": "the served model Q(wbar) sent to clients: nearest (rounded to nearest), stochastic (unbiased "
+                "rounding, seeded per round) or fp32 (unquantized, as the published code)",
     "use_mixed_precision": "separate word lengths from --weight/activation/grad_quantization_bits",
     "moving_average": "keep the server moving average and serve it (the paper's paradigm)",
     "moving_weight": "lambda of the moving average",

@@ -123,6 +123,12 @@ def test_presets_and_mixed_precision():
     p8 = PrecisionPolicy.preset("paper-8bit")
     assert p8.weight == BFPFormat(8, layout="BC") and p8.activation.layout == "tensor"
     assert p8.downlink.rounding == "nearest" and p8.uplink == p8.weight
+    assert PrecisionPolicy.low_precision(8, downlink="stochastic").downlink == p8.weight  # stochastic, as the weights
+    unquantized = PrecisionPolicy.low_precision(8, downlink="fp32", compute="bf16")
+    assert unquantized.downlink is None and not unquantized.uses_bf16(torch.device("cpu"))  # rounds start off-grid
+    assert PrecisionPolicy.low_precision(8, compute="bf16").uses_bf16(torch.device("cpu"))
+    with pytest.raises(ValueError, match="downlink"):
+        PrecisionPolicy.low_precision(8, downlink="bf16")
     assert PrecisionPolicy.preset("paper-6bit").grad.bits == 6
     mixed = PrecisionPolicy.low_precision(8, weight_bits=6, activation_bits=5, grad_bits=4)
     assert (mixed.weight.bits, mixed.activation.bits, mixed.error.bits, mixed.grad.bits) == (6, 5, 5, 4)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lptfl import codec
 from lptfl.cli import main
 from lptfl.experiment.config import RunConfig
 from lptfl.experiment.setup import sample_clients
@@ -79,6 +80,32 @@ def test_full_precision_evaluation_scores_the_same_training_without_activation_q
     assert policy.test_loss != full.test_loss
 
 
+def test_downlink_rounding_keeps_or_erases_changes_below_half_a_grid_step():
+    """A per-tensor parameter 0.3 of a grid step above a grid point: rounded to nearest, every
+    client gets the grid point and the change never arrives; stochastic rounding is unbiased
+    (seeded per round: one model per round, the same again for the same seed and round);
+    fp32 sends it exactly, at four times the bytes."""
+    step = 2.0**-6  # 8 bits, one exponent per tensor, values in [1, 2)
+    served = {"gamma": torch.full((4096,), 1.0 + 0.3 * step)}
+    sims = {mode: Simulation(RunConfig(c_rounds=1, use_quantization=True, downlink=mode, **FAST))
+            for mode in ("nearest", "stochastic", "fp32")}
+
+    def received(downlink, round_index):
+        server = sims[downlink].server
+        server.global_state, server.round = dict(served), round_index
+        payload = server.downlink()
+        return codec.decode(payload)["gamma"], len(payload)
+
+    nearest, nearest_bytes = received("nearest", 0)
+    assert torch.equal(nearest, torch.ones(4096))
+    rounds = [received("stochastic", r)[0] for r in range(20)]
+    assert all(set(g.unique().tolist()) <= {1.0, 1.0 + step} for g in rounds)
+    assert float(torch.stack(rounds).mean()) == pytest.approx(1.0 + 0.3 * step, abs=0.01 * step)
+    assert torch.equal(rounds[3], received("stochastic", 3)[0]) and not torch.equal(rounds[3], rounds[4])
+    exact, exact_bytes = received("fp32", 0)
+    assert torch.equal(exact, served["gamma"]) and exact_bytes > 3 * nearest_bytes
+
+
 def test_fmnist_idx_files_end_to_end(tmp_path):
     tiny_fmnist(tmp_path / "data")
     config = RunConfig(dataset="fmnist", data_path=str(tmp_path / "data"), c_rounds=3, alpha=1.0, lr=3e-3,
@@ -138,6 +165,7 @@ def test_sampling_is_uniform_without_replacement_and_seeded():
         (["--dataset", "fmnist", "--data_path", "/nonexistent"], "missing"),
         (["--compile_mode", "fastest"], "compile_mode"),
         (["--eval_precision", "half"], "eval_precision"),
+        (["--downlink", "fp16"], "downlink"),
     ],
 )
 def test_cli_rejects_bad_values(tmp_path, capsys, flags, message):

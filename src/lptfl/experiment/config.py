@@ -15,7 +15,7 @@ from lptfl.fl.server import WEIGHTINGS, ServerConfig
 from lptfl.models import MODELS
 from lptfl.quant import PrecisionPolicy
 from lptfl.quant.format import LAYOUTS, ROUNDINGS, SMALL_BLOCKS
-from lptfl.quant.policy import COMPUTE_MODES
+from lptfl.quant.policy import COMPUTE_MODES, DOWNLINK_MODES
 
 PARTITIONS = ("dirichlet", "dirichlet-plain", "iid")
 LR_SCHEDULES = ("none", "cosine", "step")
@@ -29,7 +29,7 @@ EVAL_PRECISIONS = ("policy", "full")
 # settings added after results were published: left out of the fingerprint at their default,
 # so the fingerprints of older runs stay valid
 _FINGERPRINT_IF_SET = {"dropout": 0.0, "min_clients": 1, "max_update_norm": 0.0, "robust": "none", "trim_fraction": 0.1,
-                       "eval_precision": "policy"}
+                       "eval_precision": "policy", "downlink": "nearest"}
 _FINGERPRINT_IF_SET.update({  # FL algorithms (lptfl.fl.algorithms, lptfl.fl.server_optim)
     "model_norm": "", "lambda_fedprox": 0.01, "abavg_val_fraction": 0.05, "abavg_use_test_set": False,
     "server_optimizer": "none", "server_lr": 0.0, "server_momentum": 0.9, "server_beta1": 0.9,
@@ -65,6 +65,7 @@ class RunConfig:
     block_dim: str = "BC"
     small_block: str = "FC"
     quant_type: str = "stochastic"
+    downlink: str = "nearest"
     use_mixed_precision: bool = False
     weight_quantization_bits: int = 8
     activation_quantization_bits: int = 8
@@ -158,6 +159,7 @@ class RunConfig:
         need(self.block_dim in LAYOUTS, f"--block_dim must be one of {LAYOUTS}, got {self.block_dim!r}")
         need(self.small_block in SMALL_BLOCKS, f"--small_block must be one of {SMALL_BLOCKS}, got {self.small_block!r}")
         need(self.quant_type in ROUNDINGS, f"--quant_type must be one of {ROUNDINGS}, got {self.quant_type!r}")
+        need(self.downlink in DOWNLINK_MODES, f"--downlink must be one of {DOWNLINK_MODES}, got {self.downlink!r}")
         need(0 <= self.moving_weight < 1, f"--moving_weight must be in [0, 1), got {self.moving_weight}")
         need(self.ma_start >= 1, f"--ma_start must be >= 1, got {self.ma_start}")
         need(self.aggregation_mode in AGGREGATION_MODES,
@@ -214,6 +216,7 @@ class RunConfig:
             layout=self.block_dim,
             small_block=self.small_block,
             rounding=self.quant_type,
+            downlink=self.downlink,
             compute=self.compute,
         )
 
@@ -228,7 +231,7 @@ class RunConfig:
         return ServerConfig(
             moving_average=self.moving_average, moving_weight=self.moving_weight,
             ma_start=self.ma_start, weighting=self.aggregation_weighting,
-            downlink=policy.downlink, uplink=policy.uplink,
+            downlink=policy.downlink, uplink=policy.uplink, seed=self.seed,
             min_clients=self.min_clients, max_update_norm=self.max_update_norm or None,
             robust=self.robust, trim_fraction=self.trim_fraction,
         )

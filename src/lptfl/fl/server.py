@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lptfl import codec
@@ -24,6 +25,7 @@ from lptfl.quant import BFPFormat
 log = logging.getLogger(__name__)
 
 WEIGHTINGS = ("uniform", "samples")
+_DOWNLINK_TAG = 0xD0  # separates the downlink's rounding stream from the round's other draws
 
 
 @dataclass
@@ -36,7 +38,9 @@ class ServerConfig:
         ma_start: first round (1-based) whose global model enters the average.
         weighting: ``"uniform"`` (unweighted mean over the clients that replied, as the
             published code) or ``"samples"`` (weighted by client data size, the paper's formula).
-        downlink: format of the served model on the wire (None: fp32).
+        downlink: format of the served model on the wire (None: fp32). With stochastic
+            rounding, round r's downlink is rounded with a generator seeded from ``(seed, r)``:
+            every client of a round gets the same model, and a resumed run the same rounding.
         uplink: format the clients use (None: fp32); only informs the expected payload.
         max_payload_bytes: uplink payloads larger than this are rejected unread.
         min_clients: a round with fewer accepted updates is skipped (models unchanged).
@@ -45,6 +49,7 @@ class ServerConfig:
         robust: ``"none"`` (running weighted mean), ``"median"`` or ``"trimmed_mean"``
             (coordinate-wise, unweighted; holds the round's updates).
         trim_fraction: fraction dropped at each end by ``"trimmed_mean"``.
+        seed: the run's seed (the downlink's stochastic rounding).
     """
 
     moving_average: bool = False
@@ -58,6 +63,7 @@ class ServerConfig:
     max_update_norm: float | None = None
     robust: str = "none"
     trim_fraction: float = 0.1
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -130,12 +136,16 @@ class Server:
         return self.average_state if self.average_state is not None else self.global_state
 
     def downlink(self) -> bytes:
-        """The encoded, quantized served model (nearest rounding)."""
+        """The encoded served model of the next round, quantized with the downlink format."""
         state = self.served_state()
         if self.local_names:
             state = {k: v for k, v in state.items() if k not in self.local_names}
         full_precision = [k for k in self.full_precision if k in state]
-        return codec.encode(state, self.config.downlink, full_precision=full_precision)
+        fmt, generator = self.config.downlink, None
+        if fmt is not None and fmt.rounding == "stochastic":
+            seed = np.random.SeedSequence([self.config.seed, self.round + 1, _DOWNLINK_TAG]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+        return codec.encode(state, fmt, full_precision=full_precision, generator=generator)
 
     def keep_local(self, names: Iterable[str]) -> None:
         """State entries that stay on the clients: left out of the downlink, expected absent from

@@ -12,6 +12,8 @@ from lptfl.quant.insert import insert_quantizers
 from lptfl.quant.optim import LowPrecisionOptimizer
 
 COMPUTE_MODES = ("auto", "bf16", "fp32")
+# how the served model travels to the clients: Q(wbar) rounded to nearest or stochastically, or unquantized
+DOWNLINK_MODES = ("nearest", "stochastic", "fp32")
 
 
 @dataclass(frozen=True)
@@ -76,15 +78,21 @@ class PrecisionPolicy:
         rounding: str = "stochastic",
         exp_bits: int = 8,
         activation_layout: str = "tensor",
+        downlink: str = "nearest",
         compute: str = "auto",
     ) -> "PrecisionPolicy":
         """The paper's setting: W/A/G (and E) in ``bits`` bits unless mixed word lengths are given.
 
         Weights and gradients use ``layout`` (BC in the paper); activations and errors use
         ``activation_layout`` (one exponent per tensor, as the published code). Errors take
-        the activation word length; the uplink the weight format; the downlink the weight
-        format with nearest rounding.
+        the activation word length; the uplink the weight format. The downlink ``Q(wbar)`` is
+        the weight format with ``downlink`` rounding: ``"nearest"``, or ``"stochastic"``
+        (unbiased: a change of the served model smaller than half a grid step reaches the
+        clients in expectation instead of being rounded away); ``"fp32"`` sends the served
+        model unquantized, as the published code does.
         """
+        if downlink not in DOWNLINK_MODES:
+            raise ValueError(f"downlink must be one of {DOWNLINK_MODES}, got {downlink!r}")
         w_bits = bits if weight_bits is None else weight_bits
         a_bits = bits if activation_bits is None else activation_bits
         g_bits = bits if grad_bits is None else grad_bits
@@ -95,7 +103,7 @@ class PrecisionPolicy:
             grad=replace(weight, bits=g_bits),
             activation=act,
             error=act,
-            downlink=weight.with_rounding("nearest"),
+            downlink=None if downlink == "fp32" else weight.with_rounding(downlink),
             uplink=weight,
             compute=compute,
         )
@@ -136,7 +144,8 @@ class PrecisionPolicy:
         return fast_bf16_available(device)
 
     def _operands_fit_bf16(self) -> bool:
-        fmts = (self.weight, self.activation, self.error)
+        # an unquantized downlink starts each round's local training from weights off the grid
+        fmts = (self.weight, self.activation, self.error, self.downlink)
         return all(f is not None and f.bits <= 8 for f in fmts)
 
     def wrap_optimizer(
