@@ -87,20 +87,21 @@ def claim_section(rows: dict[str, dict], rounds: int) -> str:
 
 def write_table(out: Path, run_dirs: list[Path], alpha: float, rounds: int = PAPER_ROUNDS, width: int = 0) -> None:
     """``table.md``: our runs (mean +- std of the last 5 rounds) beside the paper's numbers, and
-    the paper's claim checked on them (final once every compared run has ``rounds`` rounds);
-    ``width``: the ConvNet's width when it is not the paper's (0: the paper's 128)."""
+    the paper's claim checked on them (final once every compared run has ``rounds`` rounds).
+    ``width``: the ConvNet's width when it is not the paper's (0: the paper's 128); such runs are
+    compared with each other only, without the paper's figures or its claim."""
     rows = {run_dir.name: describe(run_dir) for run_dir in run_dirs}
     lines = ["| config | rounds | ours (%) | paper (%) |", "| --- | --- | --- | --- |"]
     for name, row in rows.items():
         base = name.split("-s")[0]
-        paper = PAPER.get(alpha, {}).get(PAPER_ROW.get(base, base))
+        paper = None if width else PAPER.get(alpha, {}).get(PAPER_ROW.get(base, base))
         paper_text = f"{paper[0]:.1f} +- {paper[1]:.1f}" if paper else "-"
         lines.append(f"| {name} | {row['rounds']} | {row['mean']:.1f} +- {row['std']:.1f} | {paper_text} |")
     (out / "table.md").write_text(
         f"# Fashion-MNIST, alpha {alpha}: test accuracy of the served model, mean +- std of the last 5 rounds\n\n"
-        + (f"ConvNet width {width}, not the paper's 128: compare these runs with each other, not with the paper.\n\n"
-           if width else "")
-        + "\n".join(lines) + "\n" + claim_section(rows, rounds)
+        + (f"ConvNet width {width}, not the paper's 128: these runs are compared with each other, not with the "
+           "paper.\n\n" if width else "")
+        + "\n".join(lines) + "\n" + ("" if width else claim_section(rows, rounds))
         + "\n## Details\n\n" + rows_table(list(rows.values()))
     )
 
