@@ -32,24 +32,24 @@ PAPER_SETTING = [
     "--dataset", "fmnist", "--model_name", "ConvNet", "--num_clients", "80", "--frac", "0.4",
     "--epochs", "1", "--batch_size", "32", "--lr", "0.001", "--optimizer", "adam", "--block_dim", "BC",
 ]
+Q8 = ["--use_quantization", "--quantization_bits", "8"]
+Q6 = ["--use_quantization", "--quantization_bits", "6"]
+AVG = ["--moving_average", "--ma_start", "1", "--moving_weight", "0.9"]
 CONFIGS = {
-    "q8-avg": ["--use_quantization", "--quantization_bits", "8", "--moving_average", "--ma_start", "1", "--moving_weight", "0.9"],
-    "q6-avg": ["--use_quantization", "--quantization_bits", "6", "--moving_average", "--ma_start", "1", "--moving_weight", "0.9"],
-    "fp32-avg": ["--moving_average", "--ma_start", "1", "--moving_weight", "0.9"],
-    "q8-noavg": ["--use_quantization", "--quantization_bits", "8"],
-    "q6-noavg": ["--use_quantization", "--quantization_bits", "6"],
+    "q8-avg": Q8 + AVG,
+    "q6-avg": Q6 + AVG,
+    "fp32-avg": AVG,
+    "q8-noavg": Q8,
+    "q6-noavg": Q6,
     "fp32-noavg": [],
     # q8-avg scored as the published code scores its moving-average runs: fp32 activations
-    "q8-avg-ef32": ["--use_quantization", "--quantization_bits", "8", "--moving_average", "--ma_start", "1",
-                    "--moving_weight", "0.9", "--eval_precision", "full"],
+    "q8-avg-ef32": Q8 + AVG + ["--eval_precision", "full"],
     # the served model sent with stochastic rounding (dlsr) or unquantized (dl32, the published code's
     # choice) instead of rounded to nearest: how much the downlink's rounding costs the 8-bit runs
-    "q8-avg-dlsr": ["--use_quantization", "--quantization_bits", "8", "--moving_average", "--ma_start", "1",
-                    "--moving_weight", "0.9", "--downlink", "stochastic"],
-    "q8-avg-dl32": ["--use_quantization", "--quantization_bits", "8", "--moving_average", "--ma_start", "1",
-                    "--moving_weight", "0.9", "--downlink", "fp32"],
-    "q8-noavg-dlsr": ["--use_quantization", "--quantization_bits", "8", "--downlink", "stochastic"],
-    "q8-noavg-dl32": ["--use_quantization", "--quantization_bits", "8", "--downlink", "fp32"],
+    "q8-avg-dlsr": Q8 + AVG + ["--downlink", "stochastic"],
+    "q8-avg-dl32": Q8 + AVG + ["--downlink", "fp32"],
+    "q8-noavg-dlsr": Q8 + ["--downlink", "stochastic"],
+    "q8-noavg-dl32": Q8 + ["--downlink", "fp32"],
 }
 # The paper's Table (FMNIST, ConvNet, test accuracy %, mean +- std): alpha -> config -> (mean, std).
 PAPER = {
