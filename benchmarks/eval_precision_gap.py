@@ -29,13 +29,17 @@ from lptfl.fl import evaluate
 from lptfl.sim.checkpoint import CheckpointError, load_checkpoint, read_config
 
 
-def score(run_dir: Path, data_path: str | None, test_batch_size: int | None = None) -> str:
-    """One result line for the run in ``run_dir`` (see the module docstring)."""
+def score(run_dir: Path, datasets: dict, data_path: str | None, test_batch_size: int | None = None) -> str:
+    """One result line for the run in ``run_dir`` (see the module docstring); ``datasets`` caches
+    the datasets loaded so far by (name, path), so runs on the same data load it once."""
     config = read_config(run_dir)
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is None:
         raise CheckpointError(f"{run_dir} has no checkpoint to score")
-    data = load_dataset(config.dataset, data_path or config.data_path, download=False)
+    key = (config.dataset, data_path or config.data_path)
+    if key not in datasets:
+        datasets[key] = load_dataset(*key, download=False)
+    data = datasets[key]
     served, which = ((checkpoint.average_state, "average") if checkpoint.average_state
                      else (checkpoint.global_state, "global"))
     example = data.train_x[: config.batch_size]
@@ -47,8 +51,8 @@ def score(run_dir: Path, data_path: str | None, test_batch_size: int | None = No
         model.load_state_dict(served)
         results[precision] = evaluate(model, data.test_x, data.test_y, batch_size=batch_size)
     (policy_loss, policy_acc), (full_loss, full_acc) = results["policy"], results["full"]
-    return (f"{run_dir.name} round {checkpoint.round} ({which} model, test batch {batch_size}): policy {100 * policy_acc:.2f}% "
-            f"(loss {policy_loss:.4f}), full {100 * full_acc:.2f}% (loss {full_loss:.4f}); "
+    return (f"{run_dir.name} round {checkpoint.round} ({which} model, test batch {batch_size}): "
+            f"policy {100 * policy_acc:.2f}% (loss {policy_loss:.4f}), full {100 * full_acc:.2f}% (loss {full_loss:.4f}); "
             f"full - policy {100 * (full_acc - policy_acc):+.2f} points")
 
 
@@ -60,8 +64,9 @@ def main() -> None:
     parser.add_argument("--test_batch_size", type=int, default=None, help="default: the run's own")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    datasets: dict = {}
     for run_dir in args.runs:
-        print(score(run_dir, args.data_path, args.test_batch_size))
+        print(score(run_dir, datasets, args.data_path, args.test_batch_size))
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def truncate_metrics(run_dir: Path, lines: int, metrics_name: str = "metrics.jso
 
 
 def refuse_restart_without_checkpoint(run_dir: Path, metrics_name: str = "metrics.jsonl") -> None:
-    """Refuse to resume ``run_dir`` from round 0 when its checkpoint must have existed.
+    """Refuse to resume ``run_dir``, which has no checkpoint, from round 0 when it must have had one.
 
     A run without a checkpoint restarts from the beginning and cuts ``metrics.jsonl``; that is
     right when it stopped before its first checkpoint (at most ``checkpoint_every`` rounds in),
@@ -388,7 +388,7 @@ def refuse_restart_without_checkpoint(run_dir: Path, metrics_name: str = "metric
     every = read_config(run_dir).checkpoint_every
     path = run_dir / metrics_name
     lines = path.read_bytes().count(b"\n") if path.exists() else 0
-    if every and lines > every and not (run_dir / CHECKPOINT).exists():
+    if every and lines > every:
         raise CheckpointError(
             f"cannot resume {run_dir}: {metrics_name} has {lines} rounds but {CHECKPOINT} is missing (the run "
             f"writes one every {every} round(s), so it was removed or lost); resuming would start again from "
