@@ -22,8 +22,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from lptfl.experiment.results import LAST_ROUNDS
 from lptfl.grid import GridRun, archive, run_grid
-from lptfl.report import describe, margin_verdicts, plot_curves, rows_table
+from lptfl.report import describe, margin_verdicts, plot_curves, rows_table, window_verdicts
 
 log = logging.getLogger("reproduce")
 
@@ -82,6 +83,10 @@ def claim_section(rows: dict[str, dict], rounds: int) -> str:
         status = ("final" if all(rows[name]["rounds"] >= rounds for name in names)
                   else f"provisional: rounds so far {done} of {rounds}")
         sections.append(f"\n## The paper's claim on {subject} ({status})\n\n" + "\n".join(verdicts) + "\n")
+        windows = window_verdicts(rows, subject, CLAIM_MARGINS, first_end=max(rounds // 2, LAST_ROUNDS))
+        if windows:
+            sections.append(f"\nThe same comparisons on every {LAST_ROUNDS}-round window of the second half "
+                            "(one window is one sample of a swinging curve):\n\n" + "\n".join(windows) + "\n")
     return "".join(sections)
 
 

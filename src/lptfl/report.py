@@ -16,7 +16,8 @@ def run_label(run_dir: Path) -> str:
 
 
 def describe(run_dir: Path) -> dict:
-    """Precision, averaging, alpha and final accuracy (mean +- std of the last 5 rounds, %) of one run."""
+    """Precision, averaging, alpha and final accuracy (mean +- std of the last 5 rounds, %) of one run,
+    with its test accuracy (%) by round under ``curve`` (round 1 first)."""
     run_dir = Path(run_dir)
     rounds = read_metrics(run_dir)
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
@@ -24,7 +25,8 @@ def describe(run_dir: Path) -> dict:
         config = json.loads(summary_path.read_text())["config"]
     else:  # a run still going or interrupted: its saved settings
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    last = [100 * r["test_accuracy"] for r in rounds[-LAST_ROUNDS:]]
+    curve = [100 * r["test_accuracy"] for r in rounds]
+    last = curve[-LAST_ROUNDS:]
     bits = config.get("quantization_bits", 32) if config.get("use_quantization") else 32
     return {
         "run": run_label(run_dir),
@@ -36,6 +38,7 @@ def describe(run_dir: Path) -> dict:
         "mean": statistics.fmean(last) if last else float("nan"),
         "std": statistics.pstdev(last) if len(last) > 1 else 0.0,
         "bytes_up_per_round": (sum(r["bytes_up"] for r in rounds) / len(rounds)) if rounds else 0,
+        "curve": curve,
     }
 
 
@@ -83,6 +86,50 @@ def margin_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tu
         verdict = "holds" if ours >= theirs + margin else "does not hold"
         lines.append(f"- {subject} >= {other} {sign} {abs(margin):.1f} points: "
                      f"{ours:.2f} vs {theirs:.2f} {sign} {abs(margin):.1f}: {verdict}")
+    return lines
+
+
+def window_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tuple[str, float]], *,
+                    first_end: int, window: int = LAST_ROUNDS) -> list[str]:
+    """How often :func:`margin_verdicts`' comparisons hold when the final window is moved back.
+
+    A single window of the last ``window`` rounds is one sample of a curve that, without the
+    server average, swings by several points from round to round; this counts, for each pair,
+    the windows ending at rounds ``first_end`` .. (the shorter run's last round) whose means
+    satisfy the margin.
+
+    Args:
+        rows: run name -> its :func:`describe` row (``curve``: accuracy in % by round).
+        subject: the run under test.
+        margins: ``(other run, margin in accuracy points)``, as for :func:`margin_verdicts`.
+        first_end: the round (1-based) the earliest window ends at.
+        window: rounds per window.
+
+    Returns:
+        Markdown lines, e.g. ``"- q8-avg >= fp32-noavg - 1.0 points: holds in 93 of 94 windows
+        ending at rounds 100-193 (mean over rounds 96-193: 77.03 vs 70.70)"``; pairs with a missing
+        run, or whose shorter run has not reached ``first_end``, are left out.
+    """
+    if first_end < window:
+        raise ValueError(f"first_end={first_end} must be at least the window ({window} rounds)")
+    if subject not in rows:
+        return []
+    lines = []
+    for other, margin in margins:
+        if other not in rows:
+            continue
+        ours, theirs = rows[subject]["curve"], rows[other]["curve"]
+        last_end = min(len(ours), len(theirs))
+        if last_end < first_end:
+            continue
+        ends = range(first_end, last_end + 1)
+        held = sum(statistics.fmean(ours[end - window:end]) >= statistics.fmean(theirs[end - window:end]) + margin
+                   for end in ends)
+        start = first_end - window
+        sign = "+" if margin >= 0 else "-"
+        lines.append(f"- {subject} >= {other} {sign} {abs(margin):.1f} points: holds in {held} of {len(ends)} "
+                     f"windows ending at rounds {first_end}-{last_end} (mean over rounds {start + 1}-{last_end}: "
+                     f"{statistics.fmean(ours[start:last_end]):.2f} vs {statistics.fmean(theirs[start:last_end]):.2f})")
     return lines
 
 
