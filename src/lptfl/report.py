@@ -107,7 +107,7 @@ def window_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tu
 
     Returns:
         Markdown lines, e.g. ``"- q8-avg >= fp32-noavg - 1.0 points: holds in 93 of 94 windows
-        ending at rounds 100-193 (mean over rounds 96-193: 77.03 vs 70.70)"``; pairs with a missing
+        ending at rounds 100-193 (mean over rounds 96-193: 76.93 vs 70.85)"``; pairs with a missing
         run, or whose shorter run has not reached ``first_end``, are left out.
     """
     if first_end < window:
