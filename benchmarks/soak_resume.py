@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
+from lptfl.experiment.results import TIMING_FIELDS
 from lptfl.sim.checkpoint import CONFIG, load_checkpoint
-
-TIMINGS = ("round_time_s", "wall_time_s", "phase_s")
 
 
 def run_args(args: argparse.Namespace) -> list[str]:
@@ -54,7 +53,7 @@ def count_lines(run_dir: Path) -> int:
 
 def metrics(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in lines]
 
 
 def same_final_state(a: Path, b: Path) -> bool:

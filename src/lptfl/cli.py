@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="paper-style table and curves of several runs")
     report.add_argument("runs", nargs="+", type=Path, help="run directories")
     report.add_argument("--plot", type=Path, help="save the curves of all runs here (PNG)")
+    compare = sub.add_parser("compare", help="whether a rerun retraces a run: rounds equal in all fields but timings "
+                                             "(exit 0 if every shared round is, 1 if not)")
+    compare.add_argument("reference", type=Path, help="run directory")
+    compare.add_argument("candidate", type=Path, help="run directory, e.g. the same command run again")
     return parser
 
 
@@ -189,6 +193,22 @@ def _command_report(args: argparse.Namespace) -> int:
         plot_curves(args.runs, args.plot)
         print(f"curves saved to {args.plot}")
     return 0
+
+
+def _command_compare(args: argparse.Namespace) -> int:
+    from lptfl.experiment.results import compare_rounds, read_metrics
+
+    missing = [str(d) for d in (args.reference, args.candidate) if not (d / "metrics.jsonl").exists()]
+    if missing:
+        print(f"lptfl: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
+        return 2
+    result = compare_rounds(read_metrics(args.reference), read_metrics(args.candidate))
+    print(f"rounds: {result.reference_rounds} in {args.reference}, {result.candidate_rounds} in {args.candidate}, "
+          f"{result.compared} in both; identical in all fields but timings: {result.identical} of {result.compared}")
+    if result.first_difference is not None:
+        round_number, fields = result.first_difference
+        print(f"first difference: round {round_number} ({', '.join(fields)})")
+    return 0 if result.compared and result.first_difference is None else 1
 
 
 def _flower_local_parser(sub: argparse._SubParsersAction) -> None:
@@ -270,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             return _command_run(args)
         if args.command == "flower-local":
             return _command_flower_local(args)
+        if args.command == "compare":
+            return _command_compare(args)
         return _command_report(args)
     except (ValueError, DatasetError) as err:
         print(f"lptfl: error: {err}", file=sys.stderr)

@@ -18,6 +18,8 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
 LAST_ROUNDS = 5
+# Fields of a round that measure the machine rather than the computation: a rerun may differ in them.
+TIMING_FIELDS = ("round_time_s", "wall_time_s", "phase_s")
 
 
 @dataclass
@@ -63,6 +65,41 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class RoundsComparison:
+    """Two runs' ``metrics.jsonl`` compared round by round in every field but :data:`TIMING_FIELDS`.
+
+    ``compared``: rounds both runs hold; ``identical``: how many of them match in every field;
+    ``first_difference``: the earliest round that does not, with the fields that differ (None when
+    all compared rounds match).
+    """
+
+    reference_rounds: int
+    candidate_rounds: int
+    compared: int
+    identical: int
+    first_difference: tuple[int, tuple[str, ...]] | None
+
+
+def compare_rounds(reference: list[dict], candidate: list[dict]) -> RoundsComparison:
+    """Compare two runs' rounds (as :func:`read_metrics` returns them), matched by ``round`` number."""
+    by_round = {r["round"]: r for r in reference}
+    compared = identical = 0
+    first = None
+    for row in candidate:
+        other = by_round.get(row["round"])
+        if other is None:
+            continue
+        compared += 1
+        fields = tuple(sorted(k for k in row.keys() | other.keys()
+                              if k not in TIMING_FIELDS and row.get(k) != other.get(k)))
+        if not fields:
+            identical += 1
+        elif first is None or row["round"] < first[0]:
+            first = (row["round"], fields)
+    return RoundsComparison(len(reference), len(candidate), compared, identical, first)
 
 
 def summarize(config: RunConfig, rounds: list[dict], *, wall_time_s: float) -> dict:
