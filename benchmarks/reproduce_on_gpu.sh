@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Advance the paper's grid on a CUDA machine for at most SECONDS, then pack the result files.
 #
-# Usage: bash benchmarks/reproduce_on_gpu.sh DATA_DIR RUNS_DIR SECONDS DEST_DIR [CONFIGS] [PARALLEL]
+# Usage: bash benchmarks/reproduce_on_gpu.sh DATA_DIR RUNS_DIR SECONDS DEST_DIR [CONFIGS] [PARALLEL] [SEEDS]
+#
+# CONFIGS: comma-separated names of reproduce_paper.py (default q8-avg,q8-noavg,fp32-noavg); SEEDS:
+# comma-separated (default 0; seed s > 0 runs go in RUNS_DIR/<config>-s<s>/).
 #
 # The runs and their checkpoints stay in RUNS_DIR, so the same command continues them (here or,
 # with reproduce_paper.py, on any machine that has RUNS_DIR). At the deadline every run finishes
@@ -12,7 +15,7 @@
 # interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-data=$1 runs=$2 seconds=$3 dest=$4 configs=${5:-q8-avg,q8-noavg,fp32-noavg} parallel=${6:-3}
+data=$1 runs=$2 seconds=$3 dest=$4 configs=${5:-q8-avg,q8-noavg,fp32-noavg} parallel=${6:-3} seeds=${7:-0}
 device=${DEVICE:-cuda} python=${PYTHON:-python3}
 deadline=$((SECONDS + seconds))
 mkdir -p "$dest" "$runs"
@@ -33,7 +36,7 @@ status=1
 for compile in auto off; do
   [ $((deadline - SECONDS)) -gt 60 ] || break
   timeout --foreground -s INT -k 60 $((deadline - SECONDS)) "$python" benchmarks/reproduce_paper.py \
-    --data_path "$data" --out "$runs" --configs "$configs" --device "$device" --parallel "$parallel" \
+    --data_path "$data" --out "$runs" --configs "$configs" --seeds "$seeds" --device "$device" --parallel "$parallel" \
     --checkpoint_every 10 --compile "$compile" --archive "$dest/results.tar.gz" 2>&1 | tee -a "$dest/grid.log"
   status=${PIPESTATUS[0]}
   if [ "$status" -eq 0 ] || [ "$status" -eq 124 ]; then break; fi  # done, or the deadline (runs stopped cleanly)
