@@ -48,6 +48,10 @@ def test_cli_compare_exit_codes(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d")]) == 1  # no round in common
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as handle:
+        handle.write('{"round": 2, "test_acc')  # a run killed while appending its round
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "metrics.jsonl line 2 is not JSON" in capsys.readouterr().err
 
 
 def test_the_same_command_twice_retraces_every_round(tmp_path, capsys):

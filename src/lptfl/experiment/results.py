@@ -60,11 +60,24 @@ def append_metrics(out_dir: Path, metrics: RoundMetrics) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rounds recorded in ``run_dir/metrics.jsonl`` (empty if none)."""
+    """The rounds recorded in ``run_dir/metrics.jsonl`` (empty if none).
+
+    Raises ``ValueError`` naming the file and line when a line is not JSON (e.g. the last one of a
+    run killed while appending it, until ``lptfl run --resume`` cuts the file back to its checkpoint).
+    """
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rounds = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rounds.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number} is not JSON ({err.msg}); if a run was killed while writing "
+                             f"it, `lptfl run --resume {run_dir}` cuts the file back to its checkpoint") from err
+    return rounds
 
 
 @dataclass(frozen=True)
