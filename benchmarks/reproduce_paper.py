@@ -12,7 +12,8 @@ checkpoint every round (:mod:`lptfl.grid`). Finished runs (summary.json with all
 skipped; a run with a checkpoint continues with ``--resume``; ``--parallel N`` advances N runs
 together, and ``--turn_rounds K`` lets more runs than processes take turns of K rounds (three runs
 on two cores: ``--parallel 2 --turn_rounds 5``, one process per core). Afterwards
-``<out>/table.md`` (mean +- std of the last 5 rounds beside the paper's numbers) and
+``<out>/table.md`` (mean +- std of the last 5 rounds beside the paper's numbers, and the paper's
+claim checked on that window and on every 5-round window of the second half) and
 ``<out>/curves.png`` are (re)written from whatever exists, so partial progress is always visible.
 """
 
