@@ -205,10 +205,14 @@ def _command_compare(args: argparse.Namespace) -> int:
     result = compare_rounds(read_metrics(args.reference), read_metrics(args.candidate))
     print(f"rounds: {result.reference_rounds} in {args.reference}, {result.candidate_rounds} in {args.candidate}, "
           f"{result.compared} in both; identical in all fields but timings: {result.identical} of {result.compared}")
+    if not result.compared:
+        print("no round in common: nothing to compare")
+        return 1
     if result.first_difference is not None:
         round_number, fields = result.first_difference
         print(f"first difference: round {round_number} ({', '.join(fields)})")
-    return 0 if result.compared and result.first_difference is None else 1
+        return 1
+    return 0
 
 
 def _flower_local_parser(sub: argparse._SubParsersAction) -> None:

@@ -36,6 +36,14 @@ def test_the_earliest_difference_is_reported_with_its_fields():
     assert compare_rounds([row(1)], [row(1, vote_accuracy=0.3)]).first_difference == (1, ("vote_accuracy",))
 
 
+def test_nan_equals_nan_so_a_diverged_run_repeated_exactly_is_identical():
+    nan = float("nan")
+    diverged = [row(1, test_loss=nan, extra=[1.0, nan])]
+    assert compare_rounds(diverged, [row(1, test_loss=nan, extra=[1.0, nan])]).first_difference is None
+    assert compare_rounds(diverged, [row(1, test_loss=2.3, extra=[1.0, nan])]).first_difference == (1, ("test_loss",))
+    assert compare_rounds(diverged, [row(1, test_loss=nan, extra=[1.0])]).first_difference == (1, ("extra",))
+
+
 def test_cli_compare_exit_codes(tmp_path, capsys):
     write_run(tmp_path / "a", [row(1), row(2)])
     write_run(tmp_path / "b", [row(1)])
@@ -45,7 +53,8 @@ def test_cli_compare_exit_codes(tmp_path, capsys):
     assert "identical in all fields but timings: 1 of 1" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 1
     assert "first difference: round 2 (test_accuracy)" in capsys.readouterr().out
-    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d")]) == 1  # no round in common
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d")]) == 1
+    assert "no round in common" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
     with open(tmp_path / "b" / "metrics.jsonl", "a") as handle:

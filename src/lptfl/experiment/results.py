@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -96,6 +97,17 @@ class RoundsComparison:
     first_difference: tuple[int, tuple[str, ...]] | None
 
 
+def _same(a: object, b: object) -> bool:
+    """JSON values equal, with NaN equal to NaN (a diverged run repeated exactly is identical)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
 def compare_rounds(reference: list[dict], candidate: list[dict]) -> RoundsComparison:
     """Compare two runs' rounds (as :func:`read_metrics` returns them), matched by ``round`` number."""
     by_round = {r["round"]: r for r in reference}
@@ -107,7 +119,7 @@ def compare_rounds(reference: list[dict], candidate: list[dict]) -> RoundsCompar
             continue
         compared += 1
         fields = tuple(sorted(k for k in row.keys() | other.keys()
-                              if k not in TIMING_FIELDS and row.get(k) != other.get(k)))
+                              if k not in TIMING_FIELDS and not _same(row.get(k), other.get(k))))
         if not fields:
             identical += 1
         elif first is None or row["round"] < first[0]:
