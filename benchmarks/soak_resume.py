@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lptfl.experiment.results import TIMING_FIELDS
+from lptfl.experiment.results import compare_rounds, read_metrics
 from lptfl.sim.checkpoint import CONFIG, load_checkpoint
 
 
@@ -49,11 +49,6 @@ def count_lines(run_dir: Path) -> int:
         return (run_dir / "metrics.jsonl").read_bytes().count(b"\n")
     except FileNotFoundError:
         return 0
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in lines]
 
 
 def same_final_state(a: Path, b: Path) -> bool:
@@ -131,9 +126,9 @@ def main() -> int:
     if ref.wait() != 0:
         print(f"reference run failed: {ref_log.read_text()[-2000:]}", file=sys.stderr)
         return 1
-    same_metrics = metrics(victim) == metrics(reference)
+    rounds, victim_rounds = read_metrics(reference), read_metrics(victim)
+    same_metrics = len(victim_rounds) == len(rounds) == compare_rounds(rounds, victim_rounds).identical
     same_state = same_final_state(victim, reference)
-    rounds = metrics(reference)
     print(json.dumps({
         "rounds": len(rounds), "kills": kills, "launches": launches,
         "failed_clients": sum(r["failed"] for r in rounds), "skipped_rounds": sum(r["skipped"] for r in rounds),

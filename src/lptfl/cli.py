@@ -181,12 +181,18 @@ def _command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _have_metrics(run_dirs: list[Path]) -> bool:
+    """Whether every run directory holds a ``metrics.jsonl``; names those that do not on stderr."""
+    missing = [str(d) for d in run_dirs if not (d / "metrics.jsonl").exists()]
+    if missing:
+        print(f"lptfl: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
+    return not missing
+
+
 def _command_report(args: argparse.Namespace) -> int:
     from lptfl.report import plot_curves, table
 
-    missing = [str(d) for d in args.runs if not (d / "metrics.jsonl").exists()]
-    if missing:
-        print(f"lptfl: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
+    if not _have_metrics(args.runs):
         return 2
     print(table(args.runs), end="")
     if args.plot is not None:
@@ -198,9 +204,7 @@ def _command_report(args: argparse.Namespace) -> int:
 def _command_compare(args: argparse.Namespace) -> int:
     from lptfl.experiment.results import compare_rounds, read_metrics
 
-    missing = [str(d) for d in (args.reference, args.candidate) if not (d / "metrics.jsonl").exists()]
-    if missing:
-        print(f"lptfl: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
+    if not _have_metrics([args.reference, args.candidate]):
         return 2
     result = compare_rounds(read_metrics(args.reference), read_metrics(args.candidate))
     print(f"rounds: {result.reference_rounds} in {args.reference}, {result.candidate_rounds} in {args.candidate}, "

@@ -82,11 +82,19 @@ def margin_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tu
         if other not in rows:
             continue
         theirs = rows[other]["mean"]
-        sign = "+" if margin >= 0 else "-"
         verdict = "holds" if ours >= theirs + margin else "does not hold"
-        lines.append(f"- {subject} >= {other} {sign} {abs(margin):.1f} points: "
-                     f"{ours:.2f} vs {theirs:.2f} {sign} {abs(margin):.1f}: {verdict}")
+        lines.append(f"{_comparison(subject, other, margin)}: {ours:.2f} vs {theirs:.2f} {_signed(margin)}: {verdict}")
     return lines
+
+
+def _signed(margin: float) -> str:
+    """``"+ 3.0"`` or ``"- 1.0"``: a margin in points as it follows another run's accuracy."""
+    return f"{'+' if margin >= 0 else '-'} {abs(margin):.1f}"
+
+
+def _comparison(subject: str, other: str, margin: float) -> str:
+    """The Markdown head of one verdict line, e.g. ``"- q8-avg >= q8-noavg + 3.0 points"``."""
+    return f"- {subject} >= {other} {_signed(margin)} points"
 
 
 def window_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tuple[str, float]], *,
@@ -126,8 +134,7 @@ def window_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tu
         held = sum(statistics.fmean(ours[end - window:end]) >= statistics.fmean(theirs[end - window:end]) + margin
                    for end in ends)
         start = first_end - window
-        sign = "+" if margin >= 0 else "-"
-        lines.append(f"- {subject} >= {other} {sign} {abs(margin):.1f} points: holds in {held} of {len(ends)} "
+        lines.append(f"{_comparison(subject, other, margin)}: holds in {held} of {len(ends)} "
                      f"windows ending at rounds {first_end}-{last_end} (mean over rounds {start + 1}-{last_end}: "
                      f"{statistics.fmean(ours[start:last_end]):.2f} vs {statistics.fmean(theirs[start:last_end]):.2f})")
     return lines
