@@ -11,7 +11,9 @@ Each configuration runs in its own ``lptfl run`` process into ``<out>/<config>[-
 checkpoint every round (:mod:`lptfl.grid`). Finished runs (summary.json with all rounds) are
 skipped; a run with a checkpoint continues with ``--resume``; ``--parallel N`` advances N runs
 together, and ``--turn_rounds K`` lets more runs than processes take turns of K rounds (three runs
-on two cores: ``--parallel 2 --turn_rounds 5``, one process per core). Afterwards
+on two cores: ``--parallel 2 --turn_rounds 5``, one process per core). Each process gets
+``cpus // parallel`` torch threads unless ``--threads`` says otherwise; a run continued under
+another count than it started with is valid but no longer bit-identical. Afterwards
 ``<out>/table.md`` (mean +- std of the last 5 rounds beside the paper's numbers, and the paper's
 claim checked on that window and on every 5-round window of the second half) and
 ``<out>/curves.png`` are (re)written from whatever exists, so partial progress is always visible.
@@ -130,6 +132,9 @@ def main() -> None:
     parser.add_argument("--turn_rounds", type=int, default=0,
                         help="rounds a run advances before yielding its process to the next run (0: no turns); "
                              "e.g. --parallel 2 --turn_rounds 5 advances three runs together on two cores")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (0: cpus // parallel); resume a run with the count it "
+                             "started with for bit-identical rounds (a run warns when it changes)")
     parser.add_argument("--checkpoint_every", type=int, default=1,
                         help="rounds between checkpoints (a stop signal always checkpoints first); "
                              "raise it where rounds take seconds, e.g. 10 on a GPU")
@@ -156,7 +161,7 @@ def main() -> None:
 
     try:
         run_grid(runs, args.rounds, parallel=args.parallel, turn_rounds=args.turn_rounds, after_each=refresh,
-                 checkpoint_every=args.checkpoint_every)
+                 checkpoint_every=args.checkpoint_every, threads=args.threads)
     except KeyboardInterrupt:
         log.warning("interrupted: each run finished its round and saved a checkpoint; the same command continues")
         raise SystemExit(130) from None

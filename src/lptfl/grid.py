@@ -74,7 +74,7 @@ def _interrupt(signum: int, _frame) -> None:
 
 def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1, turn_rounds: int = 0,
              after_each: Callable[[], None] | None = None, poll_s: float = 2.0,
-             checkpoint_every: int = 1) -> None:
+             checkpoint_every: int = 1, threads: int = 0) -> None:
     """Bring every run of ``runs`` to ``rounds`` rounds, ``parallel`` at a time.
 
     SIGINT and SIGTERM stop the grid (KeyboardInterrupt), also where a shell started it in the
@@ -93,6 +93,9 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1, turn_ro
         poll_s: seconds between checks of the running processes.
         checkpoint_every: rounds between checkpoints of a starting run (an interrupted run
             loses at most this many rounds; a stop signal always checkpoints first).
+        threads: torch threads of each process (0: ``max(1, cpus // parallel)``). A run resumed
+            under another thread count than it started with trains validly but not bit-identically
+            (the run warns); give the one it started with to retrace an earlier run exactly.
 
     Raises:
         RuntimeError: a run's process failed (the others are left to finish first).
@@ -101,7 +104,9 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1, turn_ro
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     if turn_rounds < 0:
         raise ValueError(f"turn_rounds must be >= 0 (0: no turns), got {turn_rounds}")
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: cpus // parallel), got {threads}")
+    threads = threads or max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending = list(runs)
     active: list[tuple[GridRun, subprocess.Popen, float, int]] = []

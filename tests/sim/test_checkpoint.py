@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lptfl.cli import main
+from lptfl.experiment import results
 from lptfl.experiment.config import RunConfig
 from lptfl.sim import checkpoint as ckpt
 from lptfl.sim import runner
@@ -207,6 +208,26 @@ def test_resume_refuses_to_restart_a_run_whose_checkpoint_is_lost(tmp_path, caps
     (run_dir / "metrics.jsonl").write_bytes(metrics.split(b"\n")[0] + b"\n")  # killed before round 1's checkpoint
     assert run_experiment(ckpt.resume_config(run_dir, {}), run_dir, progress=False, resume=True)["rounds"] == 3
     assert rounds_without_timings(run_dir)[:2] == first_two  # the restart ran the same rounds again
+
+
+def test_resume_warns_when_the_numerics_change(tmp_path, caplog):
+    """The checkpoint records torch, device, processor and threads; resuming under another record
+    (here 2 threads after 1: a convolution's sums split differently) warns that the rounds from
+    there are no longer bit-identical to an uninterrupted run's; the same record resumes silently."""
+    run_dir = tmp_path / "run"
+    options = dict(compile="off", model_width=4, num_clients=3, frac=1.0, c_rounds=3)
+    run_experiment(RunConfig(**options), run_dir, progress=False, stop_after=1)
+    recorded = ckpt.load_checkpoint(run_dir).numerics
+    assert recorded == results.numerics("cpu") and recorded["threads"] == 1
+    with caplog.at_level("WARNING", logger="lptfl.sim.runner"):
+        run_experiment(ckpt.resume_config(run_dir, {}), run_dir, progress=False, resume=True, stop_after=2)
+    assert "numerics" not in caplog.text
+    torch.set_num_threads(2)
+    with caplog.at_level("WARNING", logger="lptfl.sim.runner"):
+        run_experiment(ckpt.resume_config(run_dir, {}), run_dir, progress=False, resume=True)
+    assert "other numerics than the checkpointed rounds (threads 1 -> 2)" in caplog.text
+    assert ckpt.load_checkpoint(run_dir).numerics["threads"] == 2
+    assert results.numerics_changes({"threads": 1}, {"threads": 1, "torch": "2.13.0"}) == []  # older records
 
 
 def test_resume_refuses_changed_settings(tmp_path, capsys):

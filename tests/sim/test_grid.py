@@ -12,6 +12,7 @@ import time
 import pytest
 
 from lptfl.grid import GridRun, archive, rounds_done, run_command, run_grid
+from lptfl.sim.checkpoint import load_checkpoint
 
 TINY = ("--model_width", "4", "--num_clients", "4", "--frac", "0.5", "--compile", "off")
 
@@ -23,9 +24,10 @@ def test_grid_runs_in_parallel_skips_finished_runs_and_extends_a_partial_one(tmp
     assert [rounds_done(r.run_dir) for r in runs] == [1, 1] and len(refreshed) == 2
     assert run_command(runs[0], 1) is None  # finished: nothing to do
     assert "--resume" in run_command(runs[0], 2)  # a longer target: the run continues from its checkpoint
-    run_grid(runs[:1], 2, poll_s=0.2)
+    run_grid(runs[:1], 2, poll_s=0.2, threads=1)  # the count it started with (2 cpus here / parallel 2)
     lines = (runs[0].run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
+    assert load_checkpoint(runs[0].run_dir).numerics["threads"] == 1
     archive(tmp_path, tmp_path / "out.tar.gz")
     with tarfile.open(tmp_path / "out.tar.gz") as tar:
         names = tar.getnames()
@@ -53,6 +55,8 @@ def test_grid_reports_a_failed_run(tmp_path):
         run_grid([GridRun(tmp_path / "bad", ("--alpha", "-1"))], 1, poll_s=0.1)
     with pytest.raises(ValueError, match="parallel"):
         run_grid([], 1, parallel=0)
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        run_grid([], 1, threads=-1)
 
 
 def test_a_signal_stops_the_grid_started_with_sigint_ignored_and_each_run_checkpoints(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import platform
 
+import torch
+
 from lptfl.experiment.results import cpu_model, machine
 from lptfl.quant.compute import fast_bf16_available
 
@@ -25,4 +27,4 @@ def test_machine_records_the_compute_path():
     info = machine("cpu")
     assert info["device"] == "cpu" and info["cpus"] >= 1
     assert info["fast_bf16"] is fast_bf16_available("cpu")
-    assert info["processor"] == cpu_model()
+    assert info["processor"] == cpu_model() and info["torch_threads"] == torch.get_num_threads()

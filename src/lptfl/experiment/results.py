@@ -161,14 +161,34 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
 
 def machine(device: str) -> dict:
-    """Where a run ran: platform, CPU model, CPU count, torch version, whether the device does bf16
-    products fast (``fast_bf16``: a CPU with AVX512-BF16/AMX or a CUDA GPU; under ``--compute auto``
-    the 8-bit products then run in bf16) and, on CUDA, the GPU's name."""
+    """Where a run ran: platform, CPU model, CPU count, torch version and threads, whether the device
+    does bf16 products fast (``fast_bf16``: a CPU with AVX512-BF16/AMX or a CUDA GPU; under
+    ``--compute auto`` the 8-bit products then run in bf16) and, on CUDA, the GPU's name."""
     info = {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "device": device, "fast_bf16": fast_bf16_available(device)}
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": device,
+            "fast_bf16": fast_bf16_available(device)}
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["accelerator"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def numerics(device: torch.device | str) -> dict[str, str | int]:
+    """What decides a run's floating-point results besides its settings and seed: the torch version,
+    the device type, the processor (the GPU's name on CUDA) and torch's CPU threads (they split the
+    sums of a convolution, so 1 and 2 threads round differently). Equal records give bit-identical
+    rounds; a resume under another record trains validly but is no longer bit-identical."""
+    device = torch.device(device)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    return {"torch": torch.__version__, "device": device.type,
+            "processor": torch.cuda.get_device_name(device) if cuda else cpu_model(),
+            "threads": torch.get_num_threads()}
+
+
+def numerics_changes(recorded: dict, current: dict) -> list[str]:
+    """The entries of two :func:`numerics` records that differ, as ``'name old -> new'`` (entries
+    one record lacks are not compared: checkpoints older than the record have none)."""
+    return [f"{name} {recorded[name]!r} -> {current[name]!r}"
+            for name in recorded if name in current and recorded[name] != current[name]]
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:

@@ -16,7 +16,8 @@ A run directory holds, next to its results:
   and the header's ``__metadata__["lptfl"]`` is a JSON object: format name and version, the
   round, the config fingerprint, the number of ``metrics.jsonl`` lines written up to that
   round, the simulated wall time, the client-state mode, the optimizer-state names, the
-  clients with a stored state and, for the disk store, the snapshot directory.
+  clients with a stored state, for the disk store the snapshot directory, and the numerics record
+  (:func:`lptfl.experiment.results.numerics`: torch version, device, processor, threads).
 - ``checkpoint-client_state-<round>-<tag>/``: for ``--client_state disk`` only, hard links to
   the per-client files as they were at the checkpoint (the store replaces files by rename, so a
   link keeps the old contents while the live store moves on).
@@ -24,7 +25,8 @@ A run directory holds, next to its results:
 Resume restores all of that, truncates ``metrics.jsonl`` to the recorded line count (a round
 written after the last checkpoint is run again) and goes on. Every random draw of a round
 derives from ``(seed, round, client)``, so the resumed rounds are bit-identical to those of an
-uninterrupted run.
+uninterrupted run when the numerics record is the same (same torch, device, processor and thread
+count); the runner warns when it is not.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from lptfl.experiment.config import RunConfig
+from lptfl.experiment.results import numerics
 
 if TYPE_CHECKING:
     from lptfl.sim.engine import Simulation
@@ -161,6 +164,11 @@ class Checkpoint:
     client_memory: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     snapshot: str | None = None
     algorithm_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    numerics: dict = field(default_factory=dict)
+
+
+def _model_device(state: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(state.values())).device if state else torch.device("cpu")
 
 
 def _store_mode(sim: "Simulation") -> str:
@@ -219,6 +227,7 @@ def save_checkpoint(out_dir: Path, sim: "Simulation", *, metrics_lines: int) -> 
         "client_names": names,
         "clients": clients,
         "snapshot": snapshot,
+        "numerics": numerics(_model_device(server.global_state)),
     }
     path = out_dir / CHECKPOINT
     atomic_write(path, save_tensors(tensors, metadata={"lptfl": json.dumps(meta)}))
@@ -286,6 +295,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         client_memory=memory,
         snapshot=meta.get("snapshot"),
         algorithm_state=algorithm,
+        numerics=dict(meta.get("numerics") or {}),
     )
 
 
@@ -324,7 +334,7 @@ def restore_simulation(sim: "Simulation", checkpoint: Checkpoint | None) -> None
     _check_state("global model", checkpoint.global_state, server.global_state)
     if checkpoint.average_state is not None:
         _check_state("moving average", checkpoint.average_state, server.global_state)
-    device = next(iter(server.global_state.values())).device if server.global_state else torch.device("cpu")
+    device = _model_device(server.global_state)
     # keep the model's tensor order: the wire format (and so the byte counts) follows it
     order = list(server.global_state)
     server.global_state = {k: checkpoint.global_state[k].to(device) for k in order}
