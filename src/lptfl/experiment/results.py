@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -148,8 +149,10 @@ def summarize(config: RunConfig, rounds: list[dict], *, wall_time_s: float) -> d
     }
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else ``platform.processor()`` ('' if unknown)."""
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else ``platform.processor()`` ('' if unknown);
+    read once per file and process (every checkpoint records it)."""
     try:
         for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
             key, _, value = line.partition(":")
@@ -167,9 +170,16 @@ def machine(device: str) -> dict:
     info = {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": device,
             "fast_bf16": fast_bf16_available(device)}
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        info["accelerator"] = torch.cuda.get_device_name(torch.device(device))
+    gpu = _gpu_name(device)
+    if gpu is not None:
+        info["accelerator"] = gpu
     return info
+
+
+def _gpu_name(device: torch.device | str) -> str | None:
+    """The GPU's name where ``device`` is a usable CUDA device, else None."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else None
 
 
 def numerics(device: torch.device | str) -> dict[str, str | int]:
@@ -177,11 +187,8 @@ def numerics(device: torch.device | str) -> dict[str, str | int]:
     the device type, the processor (the GPU's name on CUDA) and torch's CPU threads (they split the
     sums of a convolution, so 1 and 2 threads round differently). Equal records give bit-identical
     rounds; a resume under another record trains validly but is no longer bit-identical."""
-    device = torch.device(device)
-    cuda = device.type == "cuda" and torch.cuda.is_available()
-    return {"torch": torch.__version__, "device": device.type,
-            "processor": torch.cuda.get_device_name(device) if cuda else cpu_model(),
-            "threads": torch.get_num_threads()}
+    return {"torch": torch.__version__, "device": torch.device(device).type,
+            "processor": _gpu_name(device) or cpu_model(), "threads": torch.get_num_threads()}
 
 
 def numerics_changes(recorded: dict, current: dict) -> list[str]:

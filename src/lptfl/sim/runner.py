@@ -133,12 +133,11 @@ def run_experiment(
             lines = checkpoint.metrics_lines if checkpoint is not None else 0
             truncate_metrics(out_dir, lines, METRICS)
             log.info("resuming %s after round %d", out_dir, sim.round)
-            if checkpoint is not None:
-                changed = numerics_changes(checkpoint.numerics, numerics(sim.device))
-                if changed:
-                    log.warning("%s: resuming under other numerics than the checkpointed rounds (%s): the rounds "
-                                "from here train validly but are not bit-identical to an uninterrupted run's",
-                                out_dir, "; ".join(changed))
+            changed = numerics_changes(checkpoint.numerics, numerics(sim.device)) if checkpoint is not None else []
+            if changed:
+                log.warning("%s: resuming under other numerics than the checkpointed rounds (%s): the rounds "
+                            "from here train validly but are not bit-identical to an uninterrupted run's",
+                            out_dir, "; ".join(changed))
             for name in (SUMMARY, CURVES):  # stale from here on; rewritten when the run ends or is stopped
                 if (out_dir / name).exists():
                     (out_dir / name).unlink()
