@@ -2,7 +2,8 @@
 
 Skipped without a GPU; run them with ``bash benchmarks/cuda_check.sh`` on a CUDA machine. A first
 run there (torch 2.11, H200) trained an 8-bit ConvNet to nothing (test accuracy 10.8% after 36
-rounds) while fp32 learned: these cases isolate each piece of that path.
+rounds) while fp32 learned: these cases isolate each piece of that path. The cause (found on an
+H200 on 2026-12-04, results/gpu-2026-12-04): the compiled quantizer passed zero gradients back.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lptfl.data import load_dataset
 from lptfl.fl import LocalTrainer, evaluate
 from lptfl.models import ConvNet
 from lptfl.quant import BFPFormat, PrecisionPolicy
+from lptfl.quant.activation import quantize_activation
 from lptfl.quant.optim import _quantize_all
 from lptfl.quant.quantize import quantize_with_key
 from lptfl.quant.random import draw_key, hashed_uniform_like
@@ -38,7 +40,7 @@ def test_hashed_uniform_on_cuda_matches_cpu_eager_and_compiled():
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name if hasattr(f, "name") else str(f))
 def test_quantize_on_cuda_matches_cpu_eager_and_compiled(fmt):
-    compiled = torch.compile(quantize_with_key)
+    compiled = torch.compile(quantize_with_key, dynamic=False)  # as MaybeCompiled: one graph per format
     key = draw_key(torch.Generator().manual_seed(0))
     for scale in SCALES:
         x = torch.randn(64, 32, 3, 3) * scale
@@ -58,6 +60,22 @@ def test_optimizer_quantization_on_cuda_matches_cpu():
     gpu = torch.compile(_quantize_all)([t.cuda() for t in tensors], fmt, keys.cuda())
     for i, (a, b) in enumerate(zip(cpu, gpu)):
         assert torch.equal(a, b.cpu()), i
+
+
+@pytest.mark.parametrize("forward", [BFPFormat(8, layout="tensor"), None], ids=["quantized", "fp32"])
+def test_compiled_quantizer_passes_errors_back_on_cuda(forward):
+    """Under torch 2.11 on CUDA the compiled quantizer passed zero gradients back (its output had
+    been changed in place), so 8-bit training learned nothing; eager and compiled must agree."""
+    error = BFPFormat(8, layout="tensor")
+    key = torch.tensor(123, dtype=torch.int32, device="cuda")
+    x = torch.randn(32, 128, 14, 14, device="cuda", requires_grad=True)
+    g = torch.randn_like(x) * 1e-5
+    f = lambda t: quantize_activation(t * 2.0, key, forward, error) * 3.0
+    f(x).backward(g)
+    eager, x.grad = x.grad, None
+    torch.compile(f, dynamic=False)(x).backward(g)
+    assert float(eager.norm()) > 0
+    assert torch.equal(x.grad, eager)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
