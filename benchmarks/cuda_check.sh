@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # CUDA checks for a machine with a GPU (about 8 minutes on an H100/H200 with DATA_DIR):
 #   1. the test suite's CUDA cases (quantizers, optimizer wrapper, local training; eager and compiled);
-#   2. the quantizer/step benchmark on the GPU;
+#   2. the quantizer/step benchmark on the GPU, and the wire codec on the CPU with 1 thread and
+#      with all (the codec phase of a GPU round runs there);
 #   3. with DATA_DIR (holding FashionMNIST/raw), 2 rounds of the paper's 8-bit setting compiled,
 #      compiled with CUDA graphs (reduce-overhead) and eager: accuracy must rise, and
 #      metrics.jsonl's phase_s splits each round's time.
-# Usage: bash benchmarks/cuda_check.sh [OUT_DIR] [DATA_DIR]
+# Usage: bash benchmarks/cuda_check.sh [OUT_DIR] [DATA_DIR]   (THREADS: torch CPU threads of the runs, default 1)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-cuda-check}"
@@ -15,11 +16,14 @@ mkdir -p "$out"
 "$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$out/device.txt" || exit 1
 "$python" -m pytest -q -m cuda -p no:cacheprovider --ignore=tests/flower tests 2>&1 | tee "$out/tests.txt"
 "$python" benchmarks/bench_quant.py --device cuda --json 2>&1 | tee "$out/bench_quant.txt"
+for threads in 1 "$(nproc)"; do
+  "$python" benchmarks/bench_wire.py --models convnet --threads "$threads" 2>&1 | tee "$out/bench_wire-$threads.txt"
+done
 if [ -n "$data" ]; then
   for variant in on:default on:reduce-overhead off:default; do
     compile=${variant%%:*} mode=${variant#*:} name="q8-${variant%%:*}-${variant#*:}"
     rm -rf "$out/$name"
-    "$python" -m lptfl run --dataset fmnist --data_path "$data" --model_name ConvNet --num_clients 80 --frac 0.4 \
+    OMP_NUM_THREADS="${THREADS:-1}" "$python" -m lptfl run --dataset fmnist --data_path "$data" --model_name ConvNet --num_clients 80 --frac 0.4 \
       --epochs 1 --batch_size 32 --lr 0.001 --optimizer adam --block_dim BC --alpha 0.01 --use_quantization \
       --quantization_bits 8 --moving_average --ma_start 1 --moving_weight 0.9 --c_rounds 2 --device cuda \
       --compile "$compile" --compile_mode "$mode" --out "$out/$name" --quiet 2>&1 | tee "$out/$name.log"

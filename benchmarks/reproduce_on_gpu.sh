@@ -12,11 +12,14 @@
 # curves; no checkpoints), grid.log, progress.log and cuda_tests.txt (the CUDA test cases).
 # If a compiled run fails, the grid is continued once with --compile off. DEVICE (default cuda)
 # names the device, e.g. DEVICE=cpu to try the script on a small data folder; PYTHON the
-# interpreter (default python3).
+# interpreter (default python3); THREADS the torch CPU threads of each run (default 1: a GPU run's
+# CPU work is the codec, small tensors one at a time, which a pool of threads only slows; with 16
+# threads and the CUDA tests beside it, one H200 run spent 6.5 s a round there against 0.3-0.7 s
+# on one core of the CPU machine, results/gpu-2026-12-04).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=$1 runs=$2 seconds=$3 dest=$4 configs=${5:-q8-avg,q8-noavg,fp32-noavg} parallel=${6:-3} seeds=${7:-0}
-device=${DEVICE:-cuda} python=${PYTHON:-python3}
+device=${DEVICE:-cuda} python=${PYTHON:-python3} threads=${THREADS:-1}
 deadline=$((SECONDS + seconds))
 mkdir -p "$dest" "$runs"
 if [ "$device" = cuda ]; then
@@ -37,7 +40,7 @@ for compile in auto off; do
   [ $((deadline - SECONDS)) -gt 60 ] || break
   timeout --foreground -s INT -k 60 $((deadline - SECONDS)) "$python" benchmarks/reproduce_paper.py \
     --data_path "$data" --out "$runs" --configs "$configs" --seeds "$seeds" --device "$device" --parallel "$parallel" \
-    --checkpoint_every 10 --compile "$compile" --archive "$dest/results.tar.gz" 2>&1 | tee -a "$dest/grid.log"
+    --threads "$threads" --checkpoint_every 10 --compile "$compile" --archive "$dest/results.tar.gz" 2>&1 | tee -a "$dest/grid.log"
   status=${PIPESTATUS[0]}
   if [ "$status" -eq 0 ] || [ "$status" -eq 124 ]; then break; fi  # done, or the deadline (runs stopped cleanly)
 done
