@@ -23,7 +23,10 @@ class _QuantizeForwardBackward(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, key: torch.Tensor, fwd: BFPFormat | None, bwd: BFPFormat | None):
         ctx.bwd = bwd
         ctx.save_for_backward(key)
-        out = x.view_as(x) if fwd is None else quantize_with_key(x, fwd, key if fwd.rounding == "stochastic" else None)
+        if fwd is None:
+            out = x.view_as(x)
+        else:
+            out = quantize_with_key(x, fwd, key if fwd.rounding == "stochastic" else None)
         # Compiled, the output must be a fresh tensor: under torch 2.11 on CUDA this Function, returning
         # the tensor its rounding steps changed in place, passed zero gradients back (measured on an H200;
         # a copy fixed it). The copy is fused away there; eager calls skip it.
