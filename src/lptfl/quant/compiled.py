@@ -23,6 +23,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# torch.compile modes that replay CUDA graphs, whose results live in buffers the next replay reuses.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
@@ -30,6 +33,15 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, (list, tuple)):
         return [t for item in value for t in _tensors(item)]
     return []
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with every tensor in it (also inside lists and tuples) cloned."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(item) for item in value)
+    return value
 
 
 def mismatch(compiled: Any, eager: Any, tolerance: float = 0.0, floor: float = 0.0) -> str | None:
@@ -80,7 +92,11 @@ class MaybeCompiled:
             call against ``fn`` (only for functions without side effects).
         compile_options: passed to ``torch.compile``; ``dynamic`` defaults to False: callers give
             fixed shapes (short batches are padded), and a graph traced for symbolic shapes
-            after a shape change compiles many times slower.
+            after a shape change compiles many times slower. In a mode of ``CUDA_GRAPH_MODES``
+            every result is copied as soon as it is returned: the next replay of a CUDA graph
+            overwrites its outputs, so a result read after another compiled call (a training loss
+            summed after the optimizer's step) would otherwise be gone (torch raised on it on an
+            H200, 2026-12-04).
     """
 
     def __init__(self, fn: Callable[..., Any], *, enabled: bool = True, verify: float | None = None,
@@ -89,6 +105,7 @@ class MaybeCompiled:
         self.enabled = enabled
         self.verify = verify
         compile_options.setdefault("dynamic", False)
+        self._copy_results = compile_options.get("mode") in CUDA_GRAPH_MODES
         self._compiled = torch.compile(fn, **compile_options) if enabled else None
 
     @property
@@ -110,6 +127,8 @@ class MaybeCompiled:
         except Exception as err:  # compilation toolchain missing or backend failure
             self.disable(f"torch.compile failed ({type(err).__name__}: {err})")
             return self.fn(*args, **kwargs)
+        if self._copy_results:
+            result = _copied(result)
         if self.verify is None:
             return result
         tolerance, self.verify = self.verify, None
