@@ -14,8 +14,8 @@
 # names the device, e.g. DEVICE=cpu to try the script on a small data folder; PYTHON the
 # interpreter (default python3); THREADS the torch CPU threads of each run (default 1: a GPU run's
 # CPU work is the codec, small tensors one at a time, which a pool of threads only slows; with 16
-# threads and the CUDA tests beside it, one H200 run spent 6.5 s a round there against 0.3-0.7 s
-# on one core of the CPU machine, results/gpu-2026-12-04).
+# threads and the CUDA tests beside it, one H200 run spent 6.5 s a round there, with one thread
+# 0.3-0.6 s, as on one core of the CPU machine; results/gpu-2026-12-04).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=$1 runs=$2 seconds=$3 dest=$4 configs=${5:-q8-avg,q8-noavg,fp32-noavg} parallel=${6:-3} seeds=${7:-0}
