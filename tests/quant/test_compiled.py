@@ -170,3 +170,11 @@ def test_results_of_cuda_graph_modes_survive_the_next_call(mode):
     double(torch.tensor([5.0, 7.0]))
     kept = torch.equal(first[0], torch.tensor([2.0, 4.0])) and torch.equal(first[1], torch.tensor([2.0, 3.0]))
     assert kept == (mode != "default")  # the default mode copies nothing: the reused buffer shows through
+
+
+def test_a_caller_that_uses_results_at_once_can_skip_the_copy():
+    """The optimizer copies its results into the weights at once and passes copy_results=False."""
+    double = MaybeCompiled(lambda x: [x * 2], mode="reduce-overhead", copy_results=False, backend=reusing_backend)
+    first = double(torch.tensor([1.0, 2.0]))
+    double(torch.tensor([5.0, 7.0]))
+    assert torch.equal(first[0], torch.tensor([10.0, 14.0]))  # the reused buffer, uncopied

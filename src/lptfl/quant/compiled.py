@@ -90,22 +90,25 @@ class MaybeCompiled:
         enabled: compile at all.
         verify: None, or the tolerance of :func:`mismatch` for checking the first compiled
             call against ``fn`` (only for functions without side effects).
+        copy_results: copy every result as soon as it is returned; None (default): in the modes of
+            ``CUDA_GRAPH_MODES``, whose next replay overwrites a graph's outputs, so that a result
+            read after another compiled call (a training loss summed after the optimizer's step)
+            is not gone (torch raised on it on an H200, 2026-12-04). Callers that use a result
+            at once, before any other compiled call, pass False and save the copy.
         compile_options: passed to ``torch.compile``; ``dynamic`` defaults to False: callers give
             fixed shapes (short batches are padded), and a graph traced for symbolic shapes
-            after a shape change compiles many times slower. In a mode of ``CUDA_GRAPH_MODES``
-            every result is copied as soon as it is returned: the next replay of a CUDA graph
-            overwrites its outputs, so a result read after another compiled call (a training loss
-            summed after the optimizer's step) would otherwise be gone (torch raised on it on an
-            H200, 2026-12-04).
+            after a shape change compiles many times slower.
     """
 
     def __init__(self, fn: Callable[..., Any], *, enabled: bool = True, verify: float | None = None,
-                 **compile_options: Any) -> None:
+                 copy_results: bool | None = None, **compile_options: Any) -> None:
         self.fn = fn
         self.enabled = enabled
         self.verify = verify
         compile_options.setdefault("dynamic", False)
-        self._copy_results = compile_options.get("mode") in CUDA_GRAPH_MODES
+        if copy_results is None:
+            copy_results = compile_options.get("mode") in CUDA_GRAPH_MODES
+        self._copy_results = copy_results
         self._compiled = torch.compile(fn, **compile_options) if enabled else None
 
     @property

@@ -47,7 +47,9 @@ class LowPrecisionOptimizer:
         self.weight_format = weight
         self.grad_format = grad
         self.generator = generator
-        self._quantize_all = MaybeCompiled(_quantize_all, enabled=compile, verify=0.0, mode=compile_mode)
+        # its results are copied into the parameters or gradients at once: no copy of its own needed
+        self._quantize_all = MaybeCompiled(_quantize_all, enabled=compile, verify=0.0, copy_results=False,
+                                           mode=compile_mode)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
