@@ -47,5 +47,4 @@ done
 kill "$monitor" 2>/dev/null
 wait "$tests"
 tail -3 "$dest/cuda_tests.txt"
-cat "$runs/table.md" 2>/dev/null
 exit "$status"

@@ -16,7 +16,8 @@ on two cores: ``--parallel 2 --turn_rounds 5``, one process per core). Each proc
 another count than it started with is valid but no longer bit-identical. Afterwards
 ``<out>/table.md`` (mean +- std of the last 5 rounds beside the paper's numbers, and the paper's
 claim checked on that window and on every 5-round window of the second half) and
-``<out>/curves.png`` are (re)written from whatever exists, so partial progress is always visible.
+``<out>/curves.png`` are (re)written from whatever exists, so partial progress is always visible;
+the table is printed at the end (also when every run is finished already and skipped).
 """
 
 from __future__ import annotations
@@ -169,6 +170,9 @@ def main() -> None:
         refresh()
         if args.archive is not None:
             archive(args.out, args.archive)
+        table = args.out / "table.md"
+        if table.exists():
+            print(table.read_text())  # the figures and the claim's verdicts, as committed
 
 
 if __name__ == "__main__":
