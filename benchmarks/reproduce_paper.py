@@ -55,6 +55,12 @@ CONFIGS = {
     "q8-avg-dl32": Q8 + AVG + ["--downlink", "fp32"],
     "q8-noavg-dlsr": Q8 + ["--downlink", "stochastic"],
     "q8-noavg-dl32": Q8 + ["--downlink", "fp32"],
+    # one change each against q8-avg, to find why it levels off (issue 34): a lighter average, the
+    # average from a later round, and clients without persistent Adam state
+    "q8-avg-mw0.5": Q8 + ["--moving_average", "--ma_start", "1", "--moving_weight", "0.5"],
+    "q8-avg-ma50": Q8 + ["--moving_average", "--ma_start", "50", "--moving_weight", "0.9"],
+    "q8-avg-nostate": Q8 + AVG + ["--client_state", "none"],
+    "fp32-avg-nostate": AVG + ["--client_state", "none"],
 }
 # The paper's Table (FMNIST, ConvNet, test accuracy %, mean +- std): alpha -> config -> (mean, std).
 PAPER = {

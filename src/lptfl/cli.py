@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
-import tomllib
+import tempfile
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
+from typing import NoReturn
 
+from lptfl import __version__
 from lptfl.allocator import keep_freed_memory
 from lptfl.data import DatasetError
-from lptfl.experiment.config import RunConfig
+from lptfl.experiment.config import (
+    PUBLISHED_NO_OPS,
+    ConfigError,
+    RunConfig,
+    field_kind,
+    from_published,
+    load_config_file,
+    typed_values,
+)
+from lptfl.experiment.results import ACTIVATIONS
 
 log = logging.getLogger("lptfl")
 
@@ -71,11 +86,18 @@ _HELP = {
     "aggregation_weighting": "uniform (published code) or samples (weighted by client data size)",
     "client_state": "client optimizer state: auto, memory, disk (spilled under --out), none (fresh each round)",
     "compile": "torch.compile the training step: auto (on for low precision), on, off",
+    "cohort": "train a round's clients together as one batched model (vmap): auto (on with CUDA), on, off; "
+              "configurations that cannot be batched (batch norm, FedGen, SGD) train one client at a time",
+    "cohort_size": "clients per batched step (0: all of a round's clients); lower it when memory is short",
     "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs: fewer launches per step), "
                     "max-autotune, max-autotune-no-cudagraphs",
     "compute": "auto, bf16 (exact bf16 products on a <=8-bit grid), fp32",
-    "eval_precision": "evaluation of the served model: policy (the run's activation format) or full "
-                      "(fp32 activations, as the published code scores moving-average runs)",
+    "eval_precision": "which of the served model's two scores (both kept: test_accuracy_fp32_act, "
+                      "test_accuracy_policy_act) is test_accuracy: paper (the published code's: fp32 activations "
+                      "with --moving_average, the run's activation format without), policy (the run's format) or "
+                      "full (fp32 activations); see docs/evaluation.md",
+    "eval_every": "score the served model every N rounds (and always in the last 5 rounds, the summary's window); "
+                  "the other rounds' test metrics are null",
     "device": "cpu or cuda",
     "compress": "zstd on the payloads (lossless)",
     "checkpoint_every": "write a crash-safe checkpoint every N rounds (and after the last); 0: none",
@@ -87,28 +109,64 @@ _HELP = {
 }
 
 
+_ARG_TYPES = {"int": int, "float": float, "str": str, "ints": int}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, naming the nearest flag for an unknown one."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            flags = set(self._option_string_actions)
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    flags.update(*(sub._option_string_actions for sub in action.choices.values()))
+            for word in message.partition(":")[2].split():
+                close = difflib.get_close_matches(word.partition("=")[0], flags, n=1)
+                message += f"; {word}: did you mean {close[0]}?" if close and word.startswith("-") else ""
+        self.exit(2, f"lptfl: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """A flag per :class:`RunConfig` field (also under its published name; ``--no-X`` for a
+    boolean), and the published entry point's flags that change nothing here."""
+    for f in fields(RunConfig):
+        if f.name in skip:
+            continue
+        names = [f"--{f.name}", *([f"--{f.metadata['published']}"] if "published" in f.metadata else [])]
+        if field_kind(f) == "bool":
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=_HELP.get(f.name))
+        else:
+            parser.add_argument(*names, dest=f.name, type=_ARG_TYPES[field_kind(f)],
+                                help=f"{_HELP.get(f.name, '')} (default {f.default})".strip())
+    for name, (kind, _, why) in PUBLISHED_NO_OPS.items():
+        help_text = f"the published entry point's flag; no effect here: {why}"
+        if kind == "bool":
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(f"--{name}", type=_ARG_TYPES[kind], nargs="+" if kind == "ints" else None,
+                                help=help_text)
+
+
 def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser("run", help="run a federated experiment", argument_default=argparse.SUPPRESS)
-    for f in fields(RunConfig):
-        flag = f"--{f.name}"
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=_HELP.get(f.name))
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, help=f"{_HELP.get(f.name, '')} (default {f.default})".strip())
-    parser.add_argument("--config", type=Path, help="TOML file of flag values (flags given here override it)")
+    _add_setting_flags(parser)
+    parser.add_argument("--config", type=Path, help="TOML file, or JSON file (*.json, the published entry point's "
+                                                    "format) of flag values (flags given here override it)")
     parser.add_argument("--out", type=Path, help="output directory (default runs/<dataset>-<time>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
+                        help="replace the results already in --out")
     parser.add_argument("--resume", type=Path, metavar="DIR",
                         help="continue the run in DIR from its checkpoint, with its saved config.json")
     parser.add_argument("--stop_after", type=int, metavar="ROUND",
                         help="stop after this round with a checkpoint (exit 0); --resume continues the run")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    parser.add_argument("--quiet", action=argparse.BooleanOptionalAction, help="no progress bar, warnings only")
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lptfl", description="Low-precision federated learning (NeurIPS 2024).")
+    parser = _Parser(prog="lptfl", description="Low-precision federated learning (NeurIPS 2024).")
+    parser.add_argument("--version", action="version", version=f"lptfl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _flower_local_parser(sub)
@@ -123,24 +181,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults, then the TOML file, then the flags given on the command line."""
-    return RunConfig.from_dict(_given_values(args))
+    """Defaults, then the config file, then the flags given on the command line (checked)."""
+    values, origin = _given_values(args)
+    config = RunConfig.from_dict(values)
+    with _said_of(origin):
+        config.validate()
+    return config
 
 
-def _given_values(args: argparse.Namespace) -> dict:
-    """The settings given by the TOML file and the flags (not the defaults)."""
-    values: dict = {}
+def _given_values(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    """The settings given by the config file and the flags (not the defaults), and for each one
+    from the file, the file's name."""
     config_file = getattr(args, "config", None)
-    if config_file is not None:
-        with open(config_file, "rb") as handle:
-            values.update(tomllib.load(handle))
-    names = {f.name for f in fields(RunConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return values
+    values = load_config_file(config_file) if config_file is not None else {}
+    origin = dict.fromkeys(values, str(config_file))
+    flags = {k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__ or k in PUBLISHED_NO_OPS}
+    flags = typed_values(from_published(flags))
+    for key in flags:
+        origin.pop(key, None)
+    return {**values, **flags}, origin
+
+
+@contextmanager
+def _said_of(origin: dict[str, str]) -> Iterator[None]:
+    """Say a :class:`ConfigError` of the body of the file its value came from (``origin``: key -> file)."""
+    try:
+        yield
+    except ConfigError as err:
+        if err.source is None and err.key in origin:
+            raise err.at(origin[err.key]) from None
+        raise
 
 
 def _command_run(args: argparse.Namespace) -> int:
-    from lptfl.sim.runner import OutputExistsError, RunInterrupted, run_experiment
+    from lptfl.sim.runner import RunInterrupted, run_experiment
 
     resume = getattr(args, "resume", None)
     out = getattr(args, "out", None)
@@ -151,10 +225,11 @@ def _command_run(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {out} and --resume {resume} name different directories")
         if getattr(args, "overwrite", False):
             raise ValueError("--overwrite and --resume exclude each other")
-        config, out = resume_config(resume, _given_values(args)), Path(resume)
+        values, origin = _given_values(args)
+        with _said_of(origin):
+            config, out = resume_config(resume, values), Path(resume)
     else:
         config = config_from_args(args)
-    config.validate()
     if out is None:
         import time
 
@@ -164,9 +239,6 @@ def _command_run(args: argparse.Namespace) -> int:
             config, out, overwrite=getattr(args, "overwrite", False), progress=not getattr(args, "quiet", False),
             resume=resume is not None, stop_after=getattr(args, "stop_after", None),
         )
-    except OutputExistsError as err:
-        print(f"lptfl: {err}", file=sys.stderr)
-        return 2
     except RunInterrupted as err:
         print(f"lptfl: {err}", file=sys.stderr)
         return 128 + err.signum
@@ -174,11 +246,22 @@ def _command_run(args: argparse.Namespace) -> int:
         f"paused after round {summary['rounds']} of {config.c_rounds} (continue with: lptfl run --resume {out}); "
         "accuracy")
     print(
-        f"{head} {summary['final_accuracy_mean']:.4f} +- {summary['final_accuracy_std']:.4f} "
-        f"(last 5 rounds); uplink {summary['bytes_up_total']} B, downlink {summary['bytes_down_total']} B; "
+        f"{head} {_final_accuracy(summary)}; uplink {summary['bytes_up_total']} B, "
+        f"downlink {summary['bytes_down_total']} B; "
         f"{summary['wall_time_s']:.1f} s; results in {out}"
     )
     return 0
+
+
+def _final_accuracy(summary: dict) -> str:
+    """A summary's test accuracy for the terminal (fractions 0-1): mean +- std over the last 5
+    evaluated rounds, then the means of both named scores (docs/evaluation.md)."""
+    if summary["final_accuracy_mean"] is None:
+        return "not evaluated yet"
+    means = {name: summary.get(f"final_accuracy_{name}_mean") for name in ACTIVATIONS}
+    named = ", ".join(f"{name.replace('_', ' ')}. {mean:.4f}" for name, mean in means.items() if mean is not None)
+    return (f"{summary['final_accuracy_mean']:.4f} +- {summary['final_accuracy_std']:.4f} (last 5 evaluated rounds; "
+            f"{named})")
 
 
 def _have_metrics(run_dirs: list[Path]) -> bool:
@@ -225,42 +308,36 @@ def _flower_local_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--supernodes", type=int, default=2, help="SuperNodes, one data partition each (default 2)")
     parser.add_argument("--rounds", type=int, help="communication rounds (same as --c_rounds)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    parser.add_argument("--tls", action="store_true", help="TLS with a throwaway CA made by openssl (default: insecure)")
+    parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
+                        help="replace the results already in --out")
+    parser.add_argument("--tls", action=argparse.BooleanOptionalAction,
+                        help="TLS with a throwaway CA made by openssl (default: insecure)")
     parser.add_argument("--flwr-home", type=Path, help="FLWR_HOME and process logs (default: a temporary directory)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped (default 3600)")
     parser.add_argument("--round-timeout", type=float, default=600.0,
                         help="seconds a round waits for replies; late or dead nodes are counted as failed (default 600)")
-    parser.add_argument("--config", type=Path, help="TOML file of flag values (flags given here override it)")
-    parser.add_argument("--quiet", action="store_true", help="warnings only")
-    for f in fields(RunConfig):
-        if f.name in ("num_clients", "checkpoint_every", "dropout"):
-            continue  # num_clients is --supernodes; checkpoints and simulated dropout are simulator-only
-        if f.type in ("bool", bool):
-            parser.add_argument(f"--{f.name}", action="store_true", help=_HELP.get(f.name))
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(f"--{f.name}", type=kind, help=f"{_HELP.get(f.name, '')} (default {f.default})".strip())
+    parser.add_argument("--config", type=Path, help="TOML file, or JSON file (*.json, the published entry point's "
+                                                    "format) of flag values (flags given here override it)")
+    parser.add_argument("--quiet", action=argparse.BooleanOptionalAction, help="warnings only")
+    # num_clients is --supernodes; checkpoints and simulated dropout are simulator-only
+    _add_setting_flags(parser, skip=("num_clients", "checkpoint_every", "dropout"))
 
 
 def _command_flower_local(args: argparse.Namespace) -> int:
     import signal
-    import tempfile
     from dataclasses import replace
 
     from lptfl.flower.config import FlowerOptions
     from lptfl.flower.local import FlowerRunError, make_certificates, run_local
-    from lptfl.sim.runner import OutputExistsError, prepare_output
+    from lptfl.experiment.setup import check_device
+    from lptfl.sim.runner import prepare_output
 
     config = replace(config_from_args(args), num_clients=args.supernodes)
     if getattr(args, "rounds", None) is not None:
         config = replace(config, c_rounds=args.rounds)
     config.validate()
-    try:
-        prepare_output(args.out, overwrite=getattr(args, "overwrite", False))
-    except OutputExistsError as err:
-        print(f"lptfl: {err}", file=sys.stderr)
-        return 2
+    check_device(config.device)
+    prepare_output(args.out, overwrite=getattr(args, "overwrite", False))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the federation on SIGTERM too
     with tempfile.TemporaryDirectory(prefix="lptfl-certs-") as certs:
         try:
@@ -278,16 +355,18 @@ def _command_flower_local(args: argparse.Namespace) -> int:
 
     plot_curves([args.out], args.out / CURVES)
     print(
-        f"final accuracy {summary['final_accuracy_mean']:.4f} +- {summary['final_accuracy_std']:.4f} "
-        f"(last 5 rounds); uplink {summary['bytes_up_total']} B, downlink {summary['bytes_down_total']} B; "
+        f"final accuracy {_final_accuracy(summary)}; uplink {summary['bytes_up_total']} B, "
+        f"downlink {summary['bytes_down_total']} B; "
         f"{summary['wall_time_s']:.1f} s; results in {args.out} (Flower, {args.supernodes} SuperNodes)"
     )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``lptfl`` command. A user's mistake ends in one line ``lptfl: error: ...`` and exit 2;
+    an unexpected error in one line naming a log file that holds its traceback, and exit 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h", "--version"):
         argv = ["run", *argv]  # the published entry point's style: flags only
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
@@ -301,9 +380,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return _command_compare(args)
         return _command_report(args)
-    except (ValueError, DatasetError) as err:
-        print(f"lptfl: error: {err}", file=sys.stderr)
+    except (ValueError, DatasetError, OSError) as err:
+        print(f"lptfl: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug, not the user's mistake
+        log_path = _save_traceback(argv)
+        print(f"lptfl: internal error: {type(err).__name__}: {_one_line(err)} (traceback in {log_path}; "
+              "please report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _save_traceback(argv: list[str]) -> Path:
+    """Write the command and the traceback being handled to a new log file; its path."""
+    with tempfile.NamedTemporaryFile("w", prefix="lptfl-error-", suffix=".log", delete=False) as handle:
+        handle.write(f"lptfl {' '.join(argv)}\n{traceback.format_exc()}")
+    return Path(handle.name)
 
 
 if __name__ == "__main__":

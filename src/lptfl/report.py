@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lptfl.experiment.results import LAST_ROUNDS, read_metrics
+from lptfl.experiment.config import SAVED_DEFAULTS, scored_activations
+from lptfl.experiment.results import ACTIVATIONS, LAST_ROUNDS, final_accuracy, read_metrics
 
 
 def run_label(run_dir: Path) -> str:
@@ -16,8 +18,11 @@ def run_label(run_dir: Path) -> str:
 
 
 def describe(run_dir: Path) -> dict:
-    """Precision, averaging, alpha and final accuracy (mean +- std of the last 5 rounds, %) of one run,
-    with its test accuracy (%) by round under ``curve`` (round 1 first)."""
+    """Precision, averaging, alpha and final accuracy of one run: ``mean`` +- ``std`` (%) of the last 5
+    evaluated rounds' ``test_accuracy`` (scored with ``scored_with``: ``"fp32_act"`` or ``"policy_act"``),
+    ``mean_fp32_act`` and ``mean_policy_act`` (%, None when the run's lines do not tell, see
+    :func:`lptfl.experiment.results.round_accuracy`), and its test accuracy (%) by round under ``curve``
+    (round 1 first; NaN for a round not evaluated)."""
     run_dir = Path(run_dir)
     rounds = read_metrics(run_dir)
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
@@ -25,8 +30,10 @@ def describe(run_dir: Path) -> dict:
         config = json.loads(summary_path.read_text())["config"]
     else:  # a run still going or interrupted: its saved settings
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    curve = [100 * r["test_accuracy"] for r in rounds]
-    last = curve[-LAST_ROUNDS:]
+    config = {**SAVED_DEFAULTS, **config}
+    curve = [math.nan if r.get("test_accuracy") is None else 100 * r["test_accuracy"] for r in rounds]
+    mean, std = final_accuracy(rounds, config)
+    named = {f"mean_{name}": _percent(final_accuracy(rounds, config, name)[0]) for name in ACTIVATIONS}
     bits = config.get("quantization_bits", 32) if config.get("use_quantization") else 32
     return {
         "run": run_label(run_dir),
@@ -35,28 +42,39 @@ def describe(run_dir: Path) -> dict:
         "precision": f"{bits} bit",
         "averaging": "w avg" if config.get("moving_average") else "w/o avg",
         "rounds": len(rounds),
-        "mean": statistics.fmean(last) if last else float("nan"),
-        "std": statistics.pstdev(last) if len(last) > 1 else 0.0,
+        "mean": math.nan if mean is None else 100 * mean,
+        "std": 100 * std,
+        "scored_with": scored_activations(config["eval_precision"], config.get("moving_average", False)),
+        **named,
         "bytes_up_per_round": (sum(r["bytes_up"] for r in rounds) / len(rounds)) if rounds else 0,
         "curve": curve,
     }
 
 
+def _percent(fraction: float | None) -> float | None:
+    """A fraction in [0, 1] in % (None stays None)."""
+    return None if fraction is None else 100 * fraction
+
+
 def table(run_dirs: Sequence[Path]) -> str:
-    """A Markdown table: one row per run, test accuracy (%) as mean +- std over the last 5 rounds."""
+    """A Markdown table: one row per run, test accuracy (%) as mean +- std over the last 5 evaluated
+    rounds, and both named scores' means."""
     return rows_table([describe(d) for d in run_dirs])
 
 
 def rows_table(rows: Sequence[dict]) -> str:
     """:func:`table` from rows already read with :func:`describe`."""
     lines = [
-        "| run | dataset | alpha | averaging | precision | rounds | test accuracy (%) | uplink MB/round |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | dataset | alpha | averaging | precision | rounds | test accuracy (%) | scored with "
+        "| fp32 act. (%) | policy act. (%) | uplink MB/round |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        named = " | ".join("-" if r.get(f"mean_{name}") is None else f"{r[f'mean_{name}']:.1f}" for name in ACTIVATIONS)
         lines.append(
             f"| {r['run']} | {r['dataset']} | {r['alpha']} | {r['averaging']} | {r['precision']} | {r['rounds']} "
-            f"| {r['mean']:.1f} +- {r['std']:.1f} | {r['bytes_up_per_round'] / 1e6:.2f} |"
+            f"| {r['mean']:.1f} +- {r['std']:.1f} | {r['scored_with'].replace('_', ' ')}. | {named} "
+            f"| {r['bytes_up_per_round'] / 1e6:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -104,7 +122,8 @@ def window_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tu
     A single window of the last ``window`` rounds is one sample of a curve that, without the
     server average, swings by several points from round to round; this counts, for each pair,
     the windows ending at rounds ``first_end`` .. (the shorter run's last round) whose means
-    satisfy the margin.
+    satisfy the margin. Windows holding a round either run did not evaluate (NaN, ``--eval_every``)
+    are left out, and the overall means are over the rounds both evaluated.
 
     Args:
         rows: run name -> its :func:`describe` row (``curve``: accuracy in % by round).
@@ -116,7 +135,7 @@ def window_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tu
     Returns:
         Markdown lines, e.g. ``"- q8-avg >= fp32-noavg - 1.0 points: holds in 93 of 94 windows
         ending at rounds 100-193 (mean over rounds 96-193: 76.93 vs 70.85)"``; pairs with a missing
-        run, or whose shorter run has not reached ``first_end``, are left out.
+        run, or whose shorter run has not reached ``first_end`` (or has no evaluated window), are left out.
     """
     if first_end < window:
         raise ValueError(f"first_end={first_end} must be at least the window ({window} rounds)")
@@ -130,18 +149,26 @@ def window_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tu
         last_end = min(len(ours), len(theirs))
         if last_end < first_end:
             continue
-        ends = range(first_end, last_end + 1)
+        ends = [end for end in range(first_end, last_end + 1)
+                if not any(math.isnan(a) for a in (*ours[end - window:end], *theirs[end - window:end]))]
+        if not ends:
+            continue
         held = sum(statistics.fmean(ours[end - window:end]) >= statistics.fmean(theirs[end - window:end]) + margin
                    for end in ends)
         start = first_end - window
+        left_out = last_end + 1 - first_end - len(ends)
+        both = [i for i in range(start, last_end) if not (math.isnan(ours[i]) or math.isnan(theirs[i]))]
         lines.append(f"{_comparison(subject, other, margin)}: holds in {held} of {len(ends)} "
-                     f"windows ending at rounds {first_end}-{last_end} (mean over rounds {start + 1}-{last_end}: "
-                     f"{statistics.fmean(ours[start:last_end]):.2f} vs {statistics.fmean(theirs[start:last_end]):.2f})")
+                     f"windows ending at rounds {first_end}-{last_end}"
+                     f"{f' ({left_out} with a round not evaluated left out)' if left_out else ''} "
+                     f"(mean over rounds {start + 1}-{last_end}: "
+                     f"{statistics.fmean(ours[i] for i in both):.2f} vs {statistics.fmean(theirs[i] for i in both):.2f})")
     return lines
 
 
 def plot_curves(run_dirs: Sequence[Path], path: Path) -> None:
-    """Test accuracy and test loss by round, every run on the same two panels, saved as PNG."""
+    """Test accuracy and test loss by evaluated round (``test_accuracy``, ``test_loss``), every run on
+    the same two panels, saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,7 +176,7 @@ def plot_curves(run_dirs: Sequence[Path], path: Path) -> None:
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir in run_dirs:
-        rounds = read_metrics(Path(run_dir))
+        rounds = [r for r in read_metrics(Path(run_dir)) if r.get("test_accuracy") is not None]
         if not rounds:
             continue
         x = [r["round"] for r in rounds]
@@ -159,7 +186,8 @@ def plot_curves(run_dirs: Sequence[Path], path: Path) -> None:
     loss_ax.set(xlabel="round", ylabel="test loss (nats)", title="Test loss")
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
-    acc_ax.legend(fontsize=8)
+    if acc_ax.lines:  # none while no round is evaluated yet
+        acc_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -63,13 +63,18 @@ def test_flower_config_round_trip_and_spellings():
     options = FlowerOptions(out_dir="/tmp/x", min_nodes=3)
     back, back_options = from_flower_config(to_flower_config(config, options))
     assert back == config and back_options == options
-    # underscores accepted; Flower's scalar types coerced to the field types
-    back, _ = from_flower_config({"c_rounds": 4.0, "use-quantization": "true", "lr": 1})
-    assert back.c_rounds == 4 and back.use_quantization is True and back.lr == 1.0
-    with pytest.raises(ValueError, match="unknown run-config keys"):
-        from_flower_config({"c-round": 3})
-    with pytest.raises(ValueError):
-        from_flower_config({"frac": 2.0})
+    # underscores accepted; an integer where a number belongs is the only conversion
+    back, _ = from_flower_config({"c_rounds": 4, "use-quantization": True, "lr": 1})
+    assert back.c_rounds == 4 and back.use_quantization is True and back.lr == 1.0 and type(back.lr) is float
+    for bad, message in [
+        ({"use-quantization": "true"}, 'run config: use-quantization: expected true or false, got "true"'),
+        ({"c-rounds": 4.0}, "run config: c-rounds: expected an integer, got 4.0"),
+        ({"round-timeout": "60"}, 'run config: round-timeout: expected a finite number, got "60"'),
+        ({"frac": 2.0}, r"run config: frac: expected a number in \(0, 1\], got 2.0"),
+        ({"c-round": 3}, r"run config: c-round: unknown setting; did you mean c-rounds\?"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            from_flower_config(bad)
 
 
 def test_pyproject_app_config_lists_every_key():
@@ -249,6 +254,33 @@ def test_parity_with_the_simulator(tmp_path, low_precision):
         assert have["test_accuracy"] == pytest.approx(want.test_accuracy, abs=1e-9)
         assert have["test_loss"] == pytest.approx(want.test_loss, rel=1e-5)
         assert have["train_loss"] == pytest.approx(want.train_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("low_precision", [False, True], ids=["fp32", "8bit-ma"])
+def test_flower_records_both_scores_and_leaves_rounds_not_evaluated_null(tmp_path, low_precision):
+    """The ServerApp scores the served model as the simulator does: both named scores, test_accuracy
+    by --eval_precision (8-bit with the average: fp32 activations), null test metrics in the rounds
+    --eval_every passes over (fp32: 6 rounds, every 4th and the last 5 scored, so not round 1)."""
+    from lptfl.experiment.results import TEST_FIELDS
+    from lptfl.sim.engine import Simulation
+
+    extra = dict(c_rounds=1, use_quantization=True, moving_average=True) if low_precision else dict(c_rounds=6,
+                                                                                                    eval_every=4)
+    config = small_config(num_clients=2, frac=1.0, **extra)
+    sim = Simulation(config)
+    expected = [sim.run_round() for _ in range(config.c_rounds)]
+    FlowerRun(config, FlowerOptions(out_dir=str(tmp_path), min_nodes=2)).run(InProcessGrid(config, nodes=2))
+    got = read_metrics(tmp_path)
+    for want, have in zip(expected, got, strict=True):
+        for name in TEST_FIELDS:
+            assert (have[name] is None) == (getattr(want, name) is None) == (want.round == 1 and not low_precision)
+            if have[name] is not None:
+                assert have[name] == pytest.approx(getattr(want, name), rel=1e-5), name
+    if low_precision:
+        assert got[0]["test_accuracy"] == got[0]["test_accuracy_fp32_act"]
+        assert got[0]["test_loss_fp32_act"] != got[0]["test_loss_policy_act"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_accuracy_fp32_act_mean"] is not None and summary["final_accuracy_policy_act_mean"] is not None
 
 
 @pytest.mark.parametrize(

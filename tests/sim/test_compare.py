@@ -33,7 +33,7 @@ def test_the_earliest_difference_is_reported_with_its_fields():
     assert (result.compared, result.identical) == (4, 1)
     assert result.first_difference == (2, ("test_accuracy",))
     # a field only one side has is a difference too
-    assert compare_rounds([row(1)], [row(1, vote_accuracy=0.3)]).first_difference == (1, ("vote_accuracy",))
+    assert compare_rounds([row(1)], [row(1, failed=1)]).first_difference == (1, ("failed",))
 
 
 def test_nan_equals_nan_so_a_diverged_run_repeated_exactly_is_identical():

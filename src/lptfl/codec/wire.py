@@ -437,6 +437,7 @@ def decode(
     payload: bytes | bytearray | memoryview,
     *,
     expect: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+    formats: Mapping[str, BFPFormat | None] | None = None,
     max_bytes: int = DEFAULT_LIMIT,
 ) -> dict[str, torch.Tensor]:
     """Parse and validate an lptfl-wire payload.
@@ -448,6 +449,10 @@ def decode(
         payload: the bytes received.
         expect: if given, the exact set of names with their ``(shape, dtype)``; any missing,
             extra or different tensor is an error.
+        formats: if given, the number format each named tensor must travel in: a
+            :class:`BFPFormat` (a block-floating-point record with its bits, exponent bits,
+            layout and small-block rule; rounding is not on the wire) or ``None`` (a raw
+            record, e.g. batch-norm statistics). Names not listed may take any format.
         max_bytes: upper bound on the payload length, on the decompressed body and on the
             total size of the decoded tensors.
 
@@ -463,8 +468,10 @@ def decode(
         raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
     if expect is not None:
         expect = _normalise_expect(expect)
+    if formats is not None and not all(f is None or isinstance(f, BFPFormat) for f in formats.values()):
+        raise TypeError("formats must map names to a BFPFormat or None")
     try:
-        return _decode(payload, expect, max_bytes)
+        return _decode(payload, expect, formats, max_bytes)
     except PayloadError:
         raise
     except Exception as exc:  # noqa: BLE001 -- last line of defence: any bytes -> PayloadError
@@ -487,12 +494,31 @@ def _normalise_expect(expect) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return out
 
 
-def _decode(payload, expect, max_bytes: int) -> dict[str, torch.Tensor]:
+def _check_formats(records: list[_Record], formats: Mapping[str, BFPFormat | None]) -> None:
+    for r in records:
+        if r.name not in formats:
+            continue
+        want = formats[r.name]
+        if want is None and r.kind != "raw":
+            raise PayloadError(f"tensor {r.name!r}: expected a raw (full-precision) record, got {r.fmt.name}")
+        if want is not None and (r.fmt is None or _spec(r.fmt) != _spec(want)):
+            got = "a raw record" if r.fmt is None else r.fmt.name.rsplit("-", 1)[0]
+            raise PayloadError(f"tensor {r.name!r}: expected {want.name.rsplit('-', 1)[0]}, got {got}")
+
+
+def _spec(fmt: BFPFormat) -> tuple[int, int, str, str]:
+    """What of a format is on the wire (everything but the rounding)."""
+    return fmt.bits, fmt.exp_bits, fmt.layout, fmt.small_block
+
+
+def _decode(payload, expect, formats, max_bytes: int) -> dict[str, torch.Tensor]:
     body = unwrap(payload, max_bytes=max_bytes)
     meta, sizes = _parse_safetensors_header(body)
     records = _parse_header(meta, sizes, max_bytes)
     if expect is not None:
         _check_expect(records, expect)
+    if formats is not None:
+        _check_formats(records, formats)
     try:
         streams = safetensors.numpy.load(body)
     except Exception as exc:  # safetensors raises its own error types

@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import statistics
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,16 +23,24 @@ CURVES = "curves.png"
 LAST_ROUNDS = 5
 # Fields of a round that measure the machine rather than the computation: a rerun may differ in them.
 TIMING_FIELDS = ("round_time_s", "wall_time_s", "phase_s")
+# The served model's two scores (lptfl.experiment.evaluation): without activation quantizers, and with
+# the run's activation format; a round's test metrics are test_accuracy/test_loss (one of the two, by
+# --eval_precision) and both by name. All are None in a round that was not evaluated (--eval_every).
+ACTIVATIONS = ("fp32_act", "policy_act")
+TEST_FIELDS = ("test_accuracy", "test_loss",
+               *(f"test_{kind}_{activations}" for activations in ACTIVATIONS for kind in ("accuracy", "loss")))
 
 
 @dataclass
 class RoundMetrics:
-    """One line of ``metrics.jsonl``. Accuracy is a fraction in [0, 1]; bytes are payload lengths."""
+    """One line of ``metrics.jsonl``. Accuracy is a fraction in [0, 1], losses are mean cross-entropies
+    in nats; bytes are payload lengths. The test metrics (:data:`TEST_FIELDS`) are None (JSON null)
+    in a round that did not score the served model (``--eval_every``)."""
 
     round: int
     train_loss: float
-    test_accuracy: float
-    test_loss: float
+    test_accuracy: float | None
+    test_loss: float | None
     bytes_up: int
     bytes_down: int
     bytes_up_per_client: list[int]
@@ -51,6 +60,11 @@ class RoundMetrics:
     # seconds of the round by phase (simulator): "train" (local updates with their optimizer state),
     # "codec" (encoding uplinks, decoding and aggregating them), "eval" (testing the served model)
     phase_s: dict[str, float] = field(default_factory=dict)
+    # the served model scored with fp32 activations and with the run's activation format
+    test_accuracy_fp32_act: float | None = None
+    test_loss_fp32_act: float | None = None
+    test_accuracy_policy_act: float | None = None
+    test_loss_policy_act: float | None = None
 
 
 def append_metrics(out_dir: Path, metrics: RoundMetrics) -> None:
@@ -84,7 +98,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @dataclass(frozen=True)
 class RoundsComparison:
-    """Two runs' ``metrics.jsonl`` compared round by round in every field but :data:`TIMING_FIELDS`.
+    """Two runs' ``metrics.jsonl`` compared round by round in every field but :data:`TIMING_FIELDS`
+    (and the evaluations only one of the two rounds holds).
 
     ``compared``: rounds both runs hold; ``identical``: how many of them match in every field;
     ``first_difference``: the earliest round that does not, with the fields that differ (None when
@@ -109,8 +124,20 @@ def _same(a: object, b: object) -> bool:
     return a == b
 
 
+def _differs(name: str, a: dict, b: dict) -> bool:
+    """Whether field ``name`` differs between two rounds. Timings never do; the evaluations
+    (:data:`TEST_FIELDS`, FedBN's ``vote_accuracy``) only where both rounds hold a value: a round not
+    evaluated (``--eval_every``) or written before a score existed measured nothing to compare."""
+    if name in TIMING_FIELDS:
+        return False
+    if name in (*TEST_FIELDS, "vote_accuracy") and (a.get(name) is None or b.get(name) is None):
+        return False
+    return not _same(a.get(name), b.get(name))
+
+
 def compare_rounds(reference: list[dict], candidate: list[dict]) -> RoundsComparison:
-    """Compare two runs' rounds (as :func:`read_metrics` returns them), matched by ``round`` number."""
+    """Compare two runs' rounds (as :func:`read_metrics` returns them), matched by ``round`` number,
+    in the fields that :func:`_differs` compares."""
     by_round = {r["round"]: r for r in reference}
     compared = identical = 0
     first = None
@@ -119,8 +146,7 @@ def compare_rounds(reference: list[dict], candidate: list[dict]) -> RoundsCompar
         if other is None:
             continue
         compared += 1
-        fields = tuple(sorted(k for k in row.keys() | other.keys()
-                              if k not in TIMING_FIELDS and not _same(row.get(k), other.get(k))))
+        fields = tuple(sorted(k for k in row.keys() | other.keys() if _differs(k, row, other)))
         if not fields:
             identical += 1
         elif first is None or row["round"] < first[0]:
@@ -128,16 +154,55 @@ def compare_rounds(reference: list[dict], candidate: list[dict]) -> RoundsCompar
     return RoundsComparison(len(reference), len(candidate), compared, identical, first)
 
 
+def legacy_scores(config: Mapping) -> tuple[str, ...]:
+    """Which of :data:`ACTIVATIONS` the ``test_accuracy`` of a line written before both scores were
+    kept is (config as a dict): both for an fp32 run, fp32 activations under ``eval_precision``
+    ``full``, else the run's activation format (the default then)."""
+    if not config.get("use_quantization"):
+        return ACTIVATIONS
+    return ("fp32_act",) if config.get("eval_precision") == "full" else ("policy_act",)
+
+
+def round_accuracy(row: Mapping, config: Mapping, activations: str | None = None) -> float | None:
+    """A round's test accuracy (fraction 0-1): ``test_accuracy`` when ``activations`` is None, else
+    its score with ``"fp32_act"`` or ``"policy_act"`` activations (from ``test_accuracy`` in a line
+    that predates the named scores, by :func:`legacy_scores`). None when not evaluated or unknown."""
+    if activations is None:
+        return row.get("test_accuracy")
+    name = f"test_accuracy_{activations}"
+    if name in row:
+        return row[name]
+    return row.get("test_accuracy") if activations in legacy_scores(config) else None
+
+
+def final_accuracy(rounds: list[dict], config: Mapping, activations: str | None = None) -> tuple[float | None, float]:
+    """Mean and population std (fractions 0-1) of :func:`round_accuracy` over the last
+    :data:`LAST_ROUNDS` rounds that hold it (rounds not evaluated are passed over); ``(None, 0.0)``
+    when none does."""
+    scores = [a for a in (round_accuracy(r, config, activations) for r in rounds) if a is not None][-LAST_ROUNDS:]
+    return (statistics.fmean(scores) if scores else None), (statistics.pstdev(scores) if len(scores) > 1 else 0.0)
+
+
 def summarize(config: RunConfig, rounds: list[dict], *, wall_time_s: float) -> dict:
-    """The summary: config, mean +- std of the last 5 rounds' test accuracy, byte totals, wall time."""
-    last = [r["test_accuracy"] for r in rounds[-LAST_ROUNDS:]]
+    """The summary: config, mean +- std of the last 5 evaluated rounds' test accuracy (``test_accuracy``
+    and both named scores), byte totals, wall time."""
+    values = config.to_dict()
+    evaluated = [r for r in rounds if r.get("test_accuracy") is not None]
+    mean, std = final_accuracy(rounds, values)
+    named = {}
+    for activations in ACTIVATIONS:
+        named[f"final_accuracy_{activations}_mean"], named[f"final_accuracy_{activations}_std"] = final_accuracy(
+            rounds, values, activations)
     return {
-        "config": config.to_dict(),
+        "config": values,
         "config_fingerprint": config.fingerprint(),
         "rounds": len(rounds),
-        "final_accuracy_mean": statistics.fmean(last) if last else None,
-        "final_accuracy_std": statistics.pstdev(last) if len(last) > 1 else 0.0,
-        "final_test_loss": rounds[-1]["test_loss"] if rounds else None,
+        "evaluated_rounds": len(evaluated),
+        "final_accuracy_mean": mean,
+        "final_accuracy_std": std,
+        "test_accuracy_scored_with": config.scored_activations(),
+        **named,
+        "final_test_loss": evaluated[-1]["test_loss"] if evaluated else None,
         "bytes_up_total": sum(r["bytes_up"] for r in rounds),
         "bytes_down_total": sum(r["bytes_down"] for r in rounds),
         "bytes_counted_from": "len() of the encoded payloads (lptfl.codec, both directions)",

@@ -18,6 +18,23 @@ from lptfl.fl.algorithms import validation_split
 from lptfl.models import build_model
 
 
+def check_device(name: str) -> None:
+    """Refuse a ``--device`` this machine does not have (``cuda`` without a CUDA GPU, ``cuda:3`` of two).
+
+    Raises:
+        ValueError: naming the device, what this machine has, and the fix.
+    """
+    if not name.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        built = f"torch {torch.__version__} was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {name}: {built}; use --device cpu")
+    index = int(name.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (e.g. ``(seed, round, client)``), stable across runs."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -89,6 +89,9 @@ class ClientStateStore:
         if self._names is None:
             params = [p for g in optimizer.param_groups for p in g["params"]]
             self._names = sorted({k for p in params for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)})
+        self._put(client, flat)
+
+    def _put(self, client: int, flat: tuple[np.ndarray, np.ndarray]) -> None:
         if self.directory is None:
             self._memory[client] = flat
             return
@@ -116,14 +119,27 @@ class ClientStateStore:
         self._names = list(names) if names is not None else None
         self._memory = {int(c): (np.asarray(f, np.float32), np.asarray(s, np.float64)) for c, (f, s) in memory.items()}
 
+    def arrays(self, client: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Client ``client``'s state as ``(flat float32 tensors, step counts)``, or None if it has none."""
+        if client not in self or self._names is None:
+            return None
+        if self.directory is None:
+            return self._memory[client]
+        with np.load(self._path(client), allow_pickle=False) as data:
+            return data["flat"], data["steps"]
+
+    def save_arrays(self, client: int, names: list[str], flat: np.ndarray, steps: np.ndarray) -> None:
+        """Keep ``(flat, steps)`` (the layout :meth:`save` writes, state ``names`` sorted) as
+        client ``client``'s state; a trainer that holds no optimizer object (a batched cohort) saves so."""
+        if self._names is not None and self._names != names:
+            raise ValueError(f"optimizer state names {names} differ from the store's {self._names}")
+        self._names = list(names)
+        self._put(client, (np.asarray(flat, np.float32), np.asarray(steps, np.float64)))
+
     def load(self, client: int, optimizer: torch.optim.Optimizer) -> None:
         """Put client ``client``'s state into ``optimizer`` (a fresh state if it has none)."""
-        if client not in self or self._names is None:
+        stored = self.arrays(client)
+        if stored is None:
             optimizer.state.clear()
             return
-        if self.directory is None:
-            flat, steps = self._memory[client]
-        else:
-            with np.load(self._path(client), allow_pickle=False) as data:
-                flat, steps = data["flat"], data["steps"]
-        _unflatten(optimizer, self._names, flat, steps)
+        _unflatten(optimizer, self._names, *stored)

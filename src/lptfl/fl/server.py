@@ -25,6 +25,7 @@ from lptfl.quant import BFPFormat
 log = logging.getLogger(__name__)
 
 WEIGHTINGS = ("uniform", "samples")
+_QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes codec.encode quantizes
 _DOWNLINK_TAG = 0xD0  # separates the downlink's rounding stream from the round's other draws
 
 
@@ -41,7 +42,9 @@ class ServerConfig:
         downlink: format of the served model on the wire (None: fp32). With stochastic
             rounding, round r's downlink is rounded with a generator seeded from ``(seed, r)``:
             every client of a round gets the same model, and a resumed run the same rounding.
-        uplink: format the clients use (None: fp32); only informs the expected payload.
+        uplink: format the clients use. When set, an update whose quantizable tensors
+            (float32/16, bfloat16, not ``full_precision``) are not in this format, or whose
+            ``full_precision`` entries are not sent raw, is rejected (None: no format check).
         max_payload_bytes: uplink payloads larger than this are rejected unread.
         min_clients: a round with fewer accepted updates is skipped (models unchanged).
         max_update_norm: reject an update whose L2 distance from the served model exceeds
@@ -117,6 +120,7 @@ class Server:
         self.average_state: State | None = None
         self.round = 0
         self._expect = {k: (tuple(v.shape), v.dtype) for k, v in self.global_state.items()}
+        self._formats = self._uplink_formats()
         # algorithm hooks (lptfl.fl.algorithms / server_optim): entries kept on the clients
         # (FedBN), a scorer giving each decoded update its aggregation weight (ABAvg), a
         # server optimizer turning (served, mean) into the new global model (FedOpt), an
@@ -152,6 +156,16 @@ class Server:
         the uplink, and never aggregated (the global model keeps its values for them)."""
         self.local_names = frozenset(names)
         self._expect = {k: v for k, v in self._expect.items() if k not in self.local_names}
+        self._formats = self._uplink_formats()
+
+    def _uplink_formats(self) -> dict[str, BFPFormat | None] | None:
+        """The number format each expected uplink tensor must travel in (None: not checked)."""
+        fmt = self.config.uplink
+        if fmt is None:
+            return None
+        keep = set(self.full_precision)
+        return {name: fmt if dtype in _QUANTIZABLE and name not in keep else None
+                for name, (_, dtype) in self._expect.items()}
 
     def begin_round(self) -> None:
         cfg = self.config
@@ -165,7 +179,8 @@ class Server:
             raise RuntimeError("receive() called outside a round; call begin_round() first")
         self.stats.bytes_up.append(len(payload))
         try:
-            state = codec.decode(payload, expect=self._expect, max_bytes=self.config.max_payload_bytes)
+            state = codec.decode(payload, expect=self._expect, formats=self._formats,
+                                 max_bytes=self.config.max_payload_bytes)
         except codec.PayloadError as err:
             self.stats.rejected += 1
             self.stats.reasons.append(f"client {client}: {err}")

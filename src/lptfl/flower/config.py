@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lptfl.experiment.config import RunConfig
+from lptfl.experiment.config import ConfigError, RunConfig, checked_value, field_kind, unknown_key
+
+_SOURCE = "run config"
 
 
 @dataclass
@@ -42,48 +44,34 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _coerce(name: str, kind: Any, value: Any) -> Any:
-    kind = kind if isinstance(kind, str) else kind.__name__
-    if kind == "bool":
-        if isinstance(value, str):
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError(f"{_key(name)} must be a boolean, got {value!r}")
-        return bool(value)
-    if kind == "int":
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{_key(name)} must be an integer, got {value!r}")
-        return int(value)
-    if kind == "float":
-        return float(value)
-    return str(value)
-
-
 def from_flower_config(run_config: dict[str, Any]) -> tuple[RunConfig, FlowerOptions]:
     """Split a Flower run config into the run's :class:`RunConfig` and the driver options.
 
-    Keys may use dashes or underscores; unknown keys are an error (a typo must not silently
-    fall back to a default).
+    Keys may use dashes or underscores. Every value must have its field's type (nothing is
+    converted but an integer where a number belongs), and unknown keys are an error naming the
+    nearest key: a typo must not fall back to a default.
+
+    Raises:
+        ConfigError: a value of the wrong type or out of range ("run config: frac: expected ...").
+        ValueError: an unknown key.
     """
     run_fields = {f.name: f for f in fields(RunConfig)}
     option_fields = {f.name: f for f in fields(FlowerOptions)}
     run_values: dict[str, Any] = {}
     option_values: dict[str, Any] = {}
-    unknown = []
     for key, value in run_config.items():
         name = str(key).replace("-", "_")
         if name in run_fields:
-            run_values[name] = _coerce(name, run_fields[name].type, value)
+            run_values[name] = checked_value(key, field_kind(run_fields[name]), value, _SOURCE)
         elif name in option_fields:
-            option_values[name] = _coerce(name, option_fields[name].type, value)
+            option_values[name] = checked_value(key, field_kind(option_fields[name]), value, _SOURCE)
         else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"unknown run-config keys {sorted(unknown)}")
+            raise unknown_key(key, [_key(n) for n in (*run_fields, *option_fields)], _SOURCE)
     config = RunConfig.from_dict(run_values)
-    config.validate()
+    try:
+        config.validate()
+    except ConfigError as err:
+        raise err.at(_SOURCE) from None
     options = FlowerOptions(**option_values)
     options.validate()
     return config, options

@@ -4,7 +4,8 @@ The same objects as the in-process simulator (:mod:`lptfl.experiment.setup`): th
 initialisation (``build_run_model``), the precision policy (``RunConfig.policy()``), the
 aggregation server (:class:`lptfl.fl.Server`), client sampling (``sample_clients``, over the
 SuperNodes' partition ids), the learning-rate schedule, the FL algorithm's server side
-(:class:`lptfl.fl.server_algorithm.ServerAlgorithm`), central evaluation (``evaluate``)
+(:class:`lptfl.fl.server_algorithm.ServerAlgorithm`), central evaluation with both scores
+(:class:`lptfl.experiment.evaluation.ServedModelScorer`)
 and the result files (:mod:`lptfl.experiment.results`). Byte counts are the lengths of the payloads
 that were actually sent and received.
 """
@@ -21,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from lptfl.data import load_dataset
 from lptfl.experiment.config import RunConfig
+from lptfl.experiment.evaluation import ServedModelScorer, is_evaluated, not_evaluated
 from lptfl.experiment.results import (
     METRICS,
     SUMMARY,
@@ -37,7 +39,7 @@ from lptfl.experiment.setup import (
     split_clients,
     validation_data,
 )
-from lptfl.fl import Server, evaluate, full_precision_names
+from lptfl.fl import Server, full_precision_names
 from lptfl.fl.algorithms import accuracy_scorer
 from lptfl.fl.server_algorithm import ServerAlgorithm
 from lptfl.flower.config import FlowerOptions, from_flower_config
@@ -88,8 +90,8 @@ class FlowerRun:
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         self.full_precision = full_precision_names(model)
         self.device = torch.device(config.device)
-        self.eval_model = model.to(self.device)
-        config.eval_policy().prepare_model(self.eval_model, self.data.train_x[: config.batch_size].to(self.device))
+        self.scorer = ServedModelScorer(config, self.data, self.device)
+        self.eval_model = self.scorer.model  # the model that scores test_accuracy also serves ABAvg's scorer
         self.server = Server(initial, config.server_config(), full_precision=self.full_precision)
         _, val = split_clients(config, self.data.train_y.numpy())
         val_x, val_y = validation_data(config, self.data, val)
@@ -127,14 +129,12 @@ class FlowerRun:
                 picked = [partitions[p] for p in wanted if p in partitions]
             lr = learning_rate(cfg.lr, cfg.lr_schedule, round_index, cfg.c_rounds)
             outcome = self.driver.run_round(grid, picked, round_index, lr)
-            self.eval_model.load_state_dict(self.server.served_state())
-            test_loss, test_acc = evaluate(
-                self.eval_model, self.data.test_x, self.data.test_y, batch_size=cfg.test_batch_size
-            )
+            scores = (self.scorer.score(self.server.served_state()) if is_evaluated(cfg, round_index)
+                      else not_evaluated())
             elapsed = time.perf_counter() - started
             self.wall_time_s += elapsed
             metrics = FlowerRoundMetrics(
-                round=round_index, train_loss=outcome.train_loss, test_accuracy=test_acc, test_loss=test_loss,
+                round=round_index, train_loss=outcome.train_loss, **scores,
                 bytes_up=sum(outcome.bytes_up), bytes_down=outcome.bytes_down_per_client * outcome.sent,
                 bytes_up_per_client=outcome.bytes_up, bytes_down_per_client=outcome.bytes_down_per_client,
                 clients=outcome.clients, accepted=outcome.accepted, rejected=outcome.rejected, lr=lr,
@@ -144,8 +144,9 @@ class FlowerRun:
                 errors=outcome.errors, missing=outcome.missing, nodes=list(picked), state_restored=outcome.restored,
             )
             log.info(
-                "round %d: accuracy %.4f, %d/%d updates accepted%s, %.1f s",
-                round_index, test_acc, outcome.accepted, outcome.sent, " (skipped)" if outcome.skipped else "", elapsed,
+                "round %d: accuracy %s, %d/%d updates accepted%s, %.1f s",
+                round_index, "not evaluated" if scores["test_accuracy"] is None else f"{scores['test_accuracy']:.4f}",
+                outcome.accepted, outcome.sent, " (skipped)" if outcome.skipped else "", elapsed,
             )
             if self.out_dir is not None:
                 append_metrics(self.out_dir, metrics)

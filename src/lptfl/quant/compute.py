@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import is_batchedtensor
 
 from lptfl.quant.activation import Quantizer
 
@@ -89,12 +90,21 @@ class _BF16LinearFn(torch.autograd.Function):
         return gx, gw, gbias
 
 
+def _batched(*tensors: torch.Tensor) -> bool:
+    """Whether any of ``tensors`` is one client's view of a cohort under ``torch.func.vmap``."""
+    return any(is_batchedtensor(t) for t in tensors)
+
+
 class BF16Conv2d(nn.Conv2d):
     """A Conv2d whose product runs in bf16 with fp32 accumulation (operands must be on a <= 8-bit grid)."""
 
     def _conv_forward(self, input, weight, bias):
         if self.padding_mode != "zeros":
             return super()._conv_forward(input, weight, bias)
+        if _batched(input, weight):  # under vmap autograd's own casts give the same products and errors
+            y = F.conv2d(input.to(_BF16), weight.to(_BF16), None, self.stride, self.padding, self.dilation,
+                         self.groups).to(input.dtype)
+            return y if bias is None else y + bias.view(-1, 1, 1)
         return _BF16Conv2dFn.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -102,6 +112,9 @@ class BF16Linear(nn.Linear):
     """A Linear layer whose product runs in bf16 with fp32 accumulation (operands on a <= 8-bit grid)."""
 
     def forward(self, input):
+        if _batched(input, self.weight):
+            y = F.linear(input.to(_BF16), self.weight.to(_BF16)).to(input.dtype)
+            return y if self.bias is None else y + self.bias
         return _BF16LinearFn.apply(input, self.weight, self.bias)
 
 

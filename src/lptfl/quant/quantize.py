@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from lptfl.quant.format import BFPFormat
-from lptfl.quant.random import draw_key, hashed_uniform_like
+from lptfl.quant.random import draw_key, hashed_uniform_cohort, hashed_uniform_like
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Scale factors 2**shift (shift in [-127, 142]) are built as two normal float32 factors.
@@ -40,24 +40,30 @@ def block_exponent(amax: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
     return exponent.clamp(fmt.exp_min, fmt.exp_max)
 
 
-def block_amax(x: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
-    """Per-block ``max|x|`` of float32 ``x``, with keepdim shape for broadcasting."""
-    dims = fmt.block_reduce_dims(x.ndim)
+def block_amax(x: torch.Tensor, fmt: BFPFormat, cohort: bool = False) -> torch.Tensor:
+    """Per-block ``max|x|`` of float32 ``x``, with keepdim shape for broadcasting.
+
+    With ``cohort`` dim 0 indexes clients (``K x ...``): blocks are those of each client's
+    tensor ``x[k]``, so no block spans two clients.
+    """
+    lead = int(cohort)
+    dims = tuple(d + lead for d in fmt.block_reduce_dims(x.ndim - lead))
     if not dims:
         return x.abs()
     return x.abs().amax(dim=dims, keepdim=True)
 
 
-def block_factors(xf: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
+def block_factors(xf: torch.Tensor, fmt: BFPFormat, cohort: bool = False) -> torch.Tensor:
     """The per-block scale factors of float32 ``xf``, stacked: ``(4, *keepdim block shape)``.
 
     ``[up_low, up_high, down_low, down_high]``: ``x * up_low * up_high`` is the unrounded
     mantissa and ``q * down_low * down_high`` the value of mantissa ``q`` (each scale split into
     two normal float32 factors). ``down_low`` is NaN for a block holding a NaN or an infinity.
     Stacking realises the factors as one small buffer, so a fused kernel reads them instead of
-    recomputing them from the block maximum for every vector of elements.
+    recomputing them from the block maximum for every vector of elements. ``cohort``: as in
+    :func:`block_amax`.
     """
-    amax = block_amax(xf, fmt)
+    amax = block_amax(xf, fmt, cohort)
     shift = (fmt.bits - 2) - block_exponent(amax, fmt)
     low = shift.clamp(_LOW_MIN, _LOW_MAX)
     high = shift - low
@@ -65,10 +71,15 @@ def block_factors(xf: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
     return torch.stack([_pow2(low), _pow2(high), _pow2(-low) * nan_or_one, _pow2(-high)])
 
 
-def quantize_with_key(x: torch.Tensor, fmt: BFPFormat, key: torch.Tensor | None) -> torch.Tensor:
-    """:func:`quantize` with an explicit int32 rounding key (``None`` for nearest rounding)."""
+def quantize_with_key(x: torch.Tensor, fmt: BFPFormat, key: torch.Tensor | None, *,
+                      cohort: bool = False) -> torch.Tensor:
+    """:func:`quantize` with an explicit int32 rounding key (``None`` for nearest rounding).
+
+    With ``cohort``, ``x`` is ``K x ...`` (client ``k``'s tensor is ``x[k]``) and ``key`` holds
+    the ``K`` clients' keys: row ``k`` of the result equals ``quantize_with_key(x[k], fmt, key[k])``.
+    """
     xf = x.to(torch.float32)
-    factors = block_factors(xf, fmt)
+    factors = block_factors(xf, fmt, cohort)
     q = xf * factors[0]  # a new tensor: the in-place steps below never touch x
     q.mul_(factors[1])
     if fmt.rounding == "nearest":
@@ -76,7 +87,7 @@ def quantize_with_key(x: torch.Tensor, fmt: BFPFormat, key: torch.Tensor | None)
     else:
         if key is None:
             raise ValueError("stochastic rounding needs a key")
-        q.add_(hashed_uniform_like(q, key)).floor_()
+        q.add_(hashed_uniform_cohort(q, key) if cohort else hashed_uniform_like(q, key)).floor_()
     q.clamp_(fmt.mantissa_min, fmt.mantissa_max).add_(0.0)  # + 0.0 turns -0.0 into +0.0
     q.mul_(factors[2]).mul_(factors[3])  # NaN for a non-finite block
     return q.to(x.dtype)

@@ -51,6 +51,17 @@ def hashed_uniform_like(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return _lshr(h, 8).to(torch.float32).mul_(_INV_2_24)
 
 
+def hashed_uniform_cohort(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """:func:`hashed_uniform_like` for a cohort: ``x`` is ``K x ...`` (one client per row of
+    dim 0) and ``keys`` holds the ``K`` clients' int32 keys. Row ``k`` equals
+    ``hashed_uniform_like(x[k], keys[k])``: each client's draws are those it would get alone.
+    """
+    index = torch.arange(x[0].numel(), dtype=torch.int32, device=x.device).view(1, *x.shape[1:])
+    h = torch.bitwise_xor(index, keys.view(-1, *([1] * (x.ndim - 1)))).mul_(_PHI)
+    _lowbias32_(h)
+    return _lshr(h, 8).to(torch.float32).mul_(_INV_2_24)
+
+
 def mix_key(key: torch.Tensor, salt: int) -> torch.Tensor:
     """A new int32 key derived from ``key`` and a small integer ``salt``."""
     return _lowbias32(key ^ (salt * _M1 & 0x7FFFFFFF))

@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from lptfl.experiment.config import RunConfig
+from lptfl.experiment.config import SAVED_DEFAULTS, ConfigError, RunConfig
 from lptfl.experiment.results import numerics
 
 if TYPE_CHECKING:
@@ -103,30 +103,35 @@ def write_config(out_dir: Path, config: RunConfig) -> None:
 
 
 def read_config(run_dir: Path) -> RunConfig:
-    """The settings saved in ``run_dir/config.json``."""
+    """The settings saved in ``run_dir/config.json`` (a setting it predates: :data:`SAVED_DEFAULTS`)."""
     path = Path(run_dir) / CONFIG
     if not path.exists():
         raise CheckpointError(f"cannot resume {run_dir}: it has no {CONFIG} (not a run directory, or a run "
                               "started before checkpoints existed)")
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-        return RunConfig.from_dict(values)
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"cannot resume {run_dir}: {CONFIG} is unreadable ({err})") from err
+        values = json.loads(path.read_bytes())
+    except ValueError as err:
+        raise CheckpointError(f"cannot resume {run_dir}: {path} is not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"cannot resume {run_dir}: {path} holds no object of settings")
+    return RunConfig.from_dict({**SAVED_DEFAULTS, **values}, source=str(path))
 
 
 def resume_config(run_dir: Path, overrides: dict | None = None) -> RunConfig:
     """The saved settings of ``run_dir`` with ``overrides`` applied.
 
     Overrides may change only settings outside the fingerprint (``--compile``, ``--compile_mode``, ``--device``,
-    ``--checkpoint_every``, paths ...); anything else would make the resumed rounds a
+    ``--checkpoint_every``, ``--eval_every``, paths ...); anything else would make the resumed rounds a
     different experiment, and is refused with :class:`CheckpointError` naming the settings.
     """
     saved = read_config(run_dir)
     values = saved.to_dict()
     values.update(overrides or {})
     config = RunConfig.from_dict(values)
-    config.validate()
+    try:
+        config.validate()
+    except ConfigError as err:  # a saved value out of range, unless an override put it there
+        raise (err if err.key in (overrides or {}) else err.at(str(Path(run_dir) / CONFIG))) from None
     if config.fingerprint() != saved.fingerprint():
         base = saved.to_dict()
         changed = []
@@ -138,7 +143,8 @@ def resume_config(run_dir: Path, overrides: dict | None = None) -> RunConfig:
         raise CheckpointError(
             f"refusing to resume {run_dir}: the given settings change the experiment "
             f"({'; '.join(changed) or 'fingerprint differs'}); resume with the run's own settings "
-            "(only --compile, --compile_mode, --device, --checkpoint_every, --data_path, --download, --client_state may differ, "
+            "(only --compile, --compile_mode, --cohort, --cohort_size, --device, --checkpoint_every, --eval_every, "
+            "--data_path, --download, --client_state may differ, "
             "and --c_rounds under a constant learning rate) "
             "or start a new run with another --out"
         )
@@ -247,7 +253,10 @@ def _header_metadata(data: bytes) -> dict:
     meta = (header.get("__metadata__") or {}).get("lptfl")
     if meta is None:
         raise CheckpointError("not an lptfl checkpoint (no lptfl metadata)")
-    return json.loads(meta)
+    meta = json.loads(meta)
+    if not isinstance(meta, dict):
+        raise CheckpointError("its lptfl metadata is not a JSON object")
+    return meta
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint | None:
@@ -265,6 +274,16 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         raise CheckpointError(f"{path} is damaged: {err}") from err
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} v{meta.get('version')}")
+    try:
+        return _checkpoint(meta, tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        problem = f"no {err} entry" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(f"{path}: its metadata is damaged ({problem}); restore the file from a copy, or "
+                              "start the run again with --overwrite") from None
+
+
+def _checkpoint(meta: dict, tensors: dict[str, torch.Tensor]) -> Checkpoint:
+    """The :class:`Checkpoint` of a file's metadata and tensors (a missing entry: ``KeyError``)."""
     global_state, average, memory, algorithm = {}, {}, {}, {}
     for key, value in tensors.items():
         kind, _, rest = key.partition(".")
@@ -347,11 +366,11 @@ def restore_simulation(sim: "Simulation", checkpoint: Checkpoint | None) -> None
     if store is not None:
         store.restore(checkpoint.client_names, checkpoint.client_memory)
         if store.directory is not None:
+            snapshot = Path(store.directory).parent / str(checkpoint.snapshot)
+            if checkpoint.clients and (checkpoint.snapshot is None or not snapshot.is_dir()):
+                raise CheckpointError(f"the checkpoint's client-state snapshot {snapshot} is missing")
             _clear_disk_store(store.directory)
             if checkpoint.clients:
-                snapshot = Path(store.directory).parent / str(checkpoint.snapshot)
-                if checkpoint.snapshot is None or not snapshot.is_dir():
-                    raise CheckpointError(f"the checkpoint's client-state snapshot {snapshot} is missing")
                 for path in sorted(snapshot.glob("client-*.npz")):
                     try:
                         os.link(path, store.directory / path.name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from lptfl import codec
 from lptfl.data import load_dataset, partition_summary
 from lptfl.experiment.config import RunConfig
+from lptfl.experiment.evaluation import ServedModelScorer, is_evaluated, not_evaluated
 from lptfl.experiment.results import RoundMetrics
 from lptfl.experiment.setup import (
     build_run_model,
@@ -32,10 +34,10 @@ from lptfl.fl import (
     ClientStateStore,
     LocalTrainer,
     Server,
-    evaluate,
+    TrainResult,
     full_precision_names,
 )
-from lptfl.quant.compiled import MaybeCompiled
+from lptfl.fl.cohort import ADAM_STATE_NAMES, CohortClient, CohortTrainer, cohort_unsupported
 from lptfl.sim.algorithm_hooks import AlgorithmHooks
 
 log = logging.getLogger(__name__)
@@ -78,10 +80,9 @@ class Simulation:
             model, self.policy, optimizer=config.optimizer, lr=config.lr,
             example_input=example, compile=compile_on, compile_mode=config.compile_mode, device=self.device,
         )
-        self.eval_model = build_run_model(config, self.data).to(self.device)
-        config.eval_policy().prepare_model(self.eval_model, example.to(self.device))
-        self.eval_forward = MaybeCompiled(self.eval_model, enabled=compile_on, verify=EVAL_TOLERANCE,
-                                          mode=config.compile_mode)
+        self.scorer = ServedModelScorer(config, self.data, self.device, compile=compile_on, verify=EVAL_TOLERANCE)
+        # the model that scores test_accuracy also serves ABAvg's scorer and FedBN's vote
+        self.eval_model, self.eval_forward = self.scorer.model, self.scorer.forward
         self.server = Server(
             initial,
             config.server_config(),
@@ -89,7 +90,65 @@ class Simulation:
         )
         self.store = self._client_store(out_dir, model)
         self.algorithm = AlgorithmHooks(self)
+        self.cohort = self._cohort_trainer()
         self.wall_time_s = 0.0
+
+    def _cohort_trainer(self) -> CohortTrainer | None:
+        """The batched-cohort trainer when ``--cohort`` asks for one and the run allows it (else None;
+        the reason is logged)."""
+        mode = self.config.cohort
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            log.info("clients train one at a time (--cohort %s on %s)", mode, self.device.type)
+            return None
+        why = cohort_unsupported(self.trainer, objective=self.algorithm.objective)
+        if why is not None:
+            log.warning("--cohort %s: clients train one at a time: %s", mode, why)
+            return None
+        size = self.config.cohort_size or "all the round's"
+        log.info("clients train as one batched model, %s clients per step (--cohort %s)", size, mode)
+        return CohortTrainer(self.trainer)
+
+    def _updates(self, clients: list[int], start_state: dict[str, torch.Tensor], regularizer, round_index: int,
+                 lr: float, phase: dict[str, float]) -> Iterator[tuple[int, TrainResult]]:
+        """``(client, its update)`` for each of ``clients`` in order: a batched cohort at a time where
+        the run has a cohort trainer, else one after another. Adds the training time to ``phase``."""
+        cfg = self.config
+
+        def generator(client: int) -> torch.Generator:
+            return torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, client))
+
+        if self.cohort is None:
+            for client in clients:
+                mark = time.perf_counter()
+                if self.store is not None:
+                    self.store.load(client, self.trainer.inner)
+                else:
+                    self.trainer.inner.state.clear()
+                result = self.trainer.train(
+                    self.algorithm.client_start(client, start_state), self.client_x[client], self.client_y[client],
+                    epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator(client),
+                    regularizer=regularizer, objective=self.algorithm.objective,
+                )
+                if self.store is not None:
+                    self.store.save(client, self.trainer.inner)
+                phase["train"] += time.perf_counter() - mark
+                yield client, result
+            return
+        size = cfg.cohort_size or max(len(clients), 1)
+        for first in range(0, len(clients), size):
+            mark = time.perf_counter()
+            chunk = clients[first : first + size]
+            members = [CohortClient(self.algorithm.client_start(c, start_state), self.client_x[c], self.client_y[c],
+                                    generator(c), None if self.store is None else self.store.arrays(c))
+                       for c in chunk]
+            results = self.cohort.train(members, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=lr,
+                                        prox_mu=0.0 if regularizer is None else regularizer.mu)
+            if self.store is not None:
+                for client, done in zip(chunk, results):
+                    if done.optimizer_state is not None:
+                        self.store.save_arrays(client, ADAM_STATE_NAMES, *done.optimizer_state)
+            phase["train"] += time.perf_counter() - mark
+            yield from ((client, done.result) for client, done in zip(chunk, results))
 
     def _client_store(self, out_dir: Path | None, model: torch.nn.Module) -> ClientStateStore | None:
         mode = self.config.client_state
@@ -133,23 +192,8 @@ class Simulation:
         loss_sum, sample_sum = 0.0, 0
         failed = [c for c in clients if client_fails(cfg.seed, round_index, c, cfg.dropout)]
         phase = {"train": 0.0, "codec": 0.0, "eval": 0.0}
-        for client in clients:
-            if client in failed:  # received the model but never replied: no training, no state change
-                continue
-            mark = time.perf_counter()
-            if self.store is not None:
-                self.store.load(client, self.trainer.inner)
-            else:
-                self.trainer.inner.state.clear()
-            generator = torch.Generator().manual_seed(derive_seed(cfg.seed, round_index, client))
-            result = self.trainer.train(
-                self.algorithm.client_start(client, start_state), self.client_x[client], self.client_y[client],
-                epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, regularizer=regularizer,
-                objective=self.algorithm.objective,
-            )
-            if self.store is not None:
-                self.store.save(client, self.trainer.inner)
-            phase["train"] += time.perf_counter() - mark
+        replying = [c for c in clients if c not in failed]  # the failed received the model, never replied
+        for client, result in self._updates(replying, start_state, regularizer, round_index, lr, phase):
             mark = time.perf_counter()
             up = codec.encode(self.algorithm.client_uplink(client, result.state), self.policy.uplink,
                               full_precision=self.algorithm.uplink_full_precision, compress=cfg.compress)
@@ -160,11 +204,9 @@ class Simulation:
         self.server.end_round()
         self.algorithm.end_round()
         mark = time.perf_counter()
-        self.eval_model.load_state_dict(self.server.served_state())
-        test_loss, test_acc = evaluate(
-            self.eval_model, self.data.test_x, self.data.test_y,
-            batch_size=cfg.test_batch_size, forward=self.eval_forward,
-        )
+        evaluated = is_evaluated(cfg, round_index)
+        scores = self.scorer.score(self.server.served_state()) if evaluated else not_evaluated()
+        vote = self.algorithm.vote_accuracy() if evaluated else None
         phase["eval"] = time.perf_counter() - mark
         elapsed = time.perf_counter() - started
         self.wall_time_s += elapsed
@@ -172,8 +214,6 @@ class Simulation:
         return RoundMetrics(
             round=round_index,
             train_loss=loss_sum / max(sample_sum, 1),
-            test_accuracy=test_acc,
-            test_loss=test_loss,
             bytes_up=sum(stats.bytes_up),
             bytes_down=(len(down) + self.algorithm.extra_bytes_down) * len(clients),
             bytes_up_per_client=list(stats.bytes_up),
@@ -189,6 +229,7 @@ class Simulation:
             failed_clients=failed,
             rejected_norm=stats.rejected_norm,
             skipped=stats.skipped,
-            vote_accuracy=self.algorithm.vote_accuracy(),
+            vote_accuracy=vote,
             phase_s=phase,
+            **scores,
         )

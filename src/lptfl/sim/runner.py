@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from tqdm import tqdm
 
 from lptfl.experiment.config import RunConfig
+from lptfl.experiment.setup import check_device
 from lptfl.experiment.results import (
     CURVES,
     METRICS,
@@ -39,8 +42,8 @@ from lptfl.stop_signals import stop_signals_to
 log = logging.getLogger(__name__)
 
 
-class OutputExistsError(Exception):
-    """The output directory already holds a run."""
+class OutputExistsError(ValueError):
+    """The output directory already holds a run, or is a file."""
 
 
 class RunInterrupted(Exception):
@@ -55,6 +58,8 @@ class RunInterrupted(Exception):
 
 def prepare_output(out_dir: Path, *, overwrite: bool) -> None:
     """Create ``out_dir``; refuse one that holds results unless ``overwrite`` (then clear them)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"--out {out_dir} is a file, not a directory; choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     existing = [name for name in (METRICS, SUMMARY, CURVES, CONFIG, CHECKPOINT) if (out_dir / name).exists()]
     if existing and not overwrite:
@@ -67,6 +72,37 @@ def prepare_output(out_dir: Path, *, overwrite: bool) -> None:
     if overwrite:
         remove_checkpoints(out_dir)
         shutil.rmtree(out_dir / "client_state", ignore_errors=True)  # a disk store of the old run
+
+
+def _missing_parent(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (None: ``path`` exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
+
+
+@contextmanager
+def _undone_unless_started(out_dir: Path, created: Path | None) -> Iterator[None]:
+    """Remove what a fresh run put into ``out_dir`` (its ``config.json``, client-state store, and
+    the folders made for it) when the body fails before round 1's metrics are written, so that
+    the corrected command runs instead of finding "a run" there."""
+    try:
+        yield
+    except BaseException:
+        if not (out_dir / METRICS).exists():
+            (out_dir / CONFIG).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / "client_state", ignore_errors=True)
+            if created is not None:
+                for folder in (out_dir, *out_dir.parents):
+                    if not folder.is_dir() or any(folder.iterdir()):
+                        break
+                    folder.rmdir()
+                    if folder == created:
+                        break
+        raise
 
 
 def run_experiment(
@@ -89,6 +125,7 @@ def run_experiment(
     from lptfl.report import plot_curves
 
     config.validate()
+    check_device(config.device)
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be a round >= 1, got {stop_after}")
     last_round = config.c_rounds if stop_after is None else min(stop_after, config.c_rounds)
@@ -112,7 +149,7 @@ def run_experiment(
     # while the run is being set up) still leaves a summary of the rounds so far.
     with stop_signals_to(request_stop):
         checkpoint = None
-        if resume:
+        if resume:  # every check before the first change to the run folder: a refusal changes nothing
             if not (out_dir / CONFIG).exists():
                 raise FileNotFoundError(f"cannot resume {out_dir}: no {CONFIG} there")
             checkpoint = load_checkpoint(out_dir)
@@ -122,37 +159,41 @@ def run_experiment(
                 raise CheckpointError(f"cannot resume {out_dir}: its checkpoint belongs to other settings "
                                       f"(fingerprint {checkpoint.fingerprint}, these settings' is "
                                       f"{config.fingerprint()})")
-            write_config(out_dir, config)  # same experiment; records e.g. a larger --c_rounds
+            started = nullcontext()
         else:
+            created = _missing_parent(out_dir)
             prepare_output(out_dir, overwrite=overwrite)
-            write_config(out_dir, config)
-        sim = Simulation(config, out_dir)
-        lines = 0
-        if resume:
-            restore_simulation(sim, checkpoint)
-            lines = checkpoint.metrics_lines if checkpoint is not None else 0
-            truncate_metrics(out_dir, lines, METRICS)
-            log.info("resuming %s after round %d", out_dir, sim.round)
-            changed = numerics_changes(checkpoint.numerics, numerics(sim.device)) if checkpoint is not None else []
-            if changed:
-                log.warning("%s: resuming under other numerics than the checkpointed rounds (%s): the rounds "
-                            "from here train validly but are not bit-identical to an uninterrupted run's",
-                            out_dir, "; ".join(changed))
-            for name in (SUMMARY, CURVES):  # stale from here on; rewritten when the run ends or is stopped
-                if (out_dir / name).exists():
-                    (out_dir / name).unlink()
-        bar = tqdm(total=config.c_rounds, initial=sim.round, desc="rounds", unit="round", disable=not progress)
-        while sim.round < last_round and not stop:
-            running["round"] = sim.round + 1  # the server counts a round done before its evaluation
-            metrics = sim.run_round()
-            append_metrics(out_dir, metrics)
-            lines += 1
-            every = config.checkpoint_every
-            if stop or sim.round == stop_after or (every and (sim.round % every == 0 or sim.round == config.c_rounds)):
-                save_checkpoint(out_dir, sim, metrics_lines=lines)
-            bar.update(1)
-            bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.train_loss:.3f}")
-        bar.close()
+            started = _undone_unless_started(out_dir, created)
+        with started:
+            sim = Simulation(config, out_dir)
+            lines = 0
+            if resume:
+                restore_simulation(sim, checkpoint)
+                lines = checkpoint.metrics_lines if checkpoint is not None else 0
+                truncate_metrics(out_dir, lines, METRICS)
+                log.info("resuming %s after round %d", out_dir, sim.round)
+                changed = numerics_changes(checkpoint.numerics, numerics(sim.device)) if checkpoint is not None else []
+                if changed:
+                    log.warning("%s: resuming under other numerics than the checkpointed rounds (%s): the rounds "
+                                "from here train validly but are not bit-identical to an uninterrupted run's",
+                                out_dir, "; ".join(changed))
+                for name in (SUMMARY, CURVES):  # stale from here on; rewritten when the run ends or is stopped
+                    if (out_dir / name).exists():
+                        (out_dir / name).unlink()
+            write_config(out_dir, config)  # on resume: the same experiment, perhaps with a larger --c_rounds
+            bar = tqdm(total=config.c_rounds, initial=sim.round, desc="rounds", unit="round", disable=not progress)
+            while sim.round < last_round and not stop:
+                running["round"] = sim.round + 1  # the server counts a round done before its evaluation
+                metrics = sim.run_round()
+                append_metrics(out_dir, metrics)
+                lines += 1
+                every = config.checkpoint_every
+                if stop or sim.round == stop_after or (every and (sim.round % every == 0 or sim.round == config.c_rounds)):
+                    save_checkpoint(out_dir, sim, metrics_lines=lines)
+                bar.update(1)
+                if metrics.test_accuracy is not None:  # None: a round not evaluated (--eval_every)
+                    bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.train_loss:.3f}")
+            bar.close()
         summary = summarize(config, read_metrics(out_dir), wall_time_s=sim.wall_time_s)
         write_summary(out_dir, summary)
         plot_curves([out_dir], out_dir / CURVES)

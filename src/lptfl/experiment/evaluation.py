@@ -1,0 +1,80 @@
+"""Scoring the served model on the test set: with fp32 activations and with the run's activation format.
+
+Both drivers (the simulator and the Flower ServerApp) score the served model through
+:class:`ServedModelScorer` in every round that :func:`is_evaluated`, and record both scores:
+``test_accuracy_fp32_act`` / ``test_loss_fp32_act`` (a model without activation quantizers) and
+``test_accuracy_policy_act`` / ``test_loss_policy_act`` (the model prepared with the run's precision
+policy: its activation and error quantizers and, where the operands fit, bf16 products).
+``test_accuracy`` / ``test_loss`` repeat one of them, chosen by ``--eval_precision``
+(:meth:`~lptfl.experiment.config.RunConfig.scored_activations`). Accuracies are fractions in [0, 1],
+losses mean cross-entropies in nats. When the policy quantizes no activations (fp32 runs) the two
+models are the same: it is evaluated once and both names get its score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from lptfl.data import Dataset
+from lptfl.experiment.config import RunConfig
+from lptfl.experiment.results import LAST_ROUNDS, TEST_FIELDS
+from lptfl.experiment.setup import build_run_model
+from lptfl.fl import evaluate
+from lptfl.quant.compiled import MaybeCompiled
+
+
+def is_evaluated(config: RunConfig, round_index: int) -> bool:
+    """Whether round ``round_index`` (1-based) scores the served model: every ``--eval_every``
+    rounds, and always the last :data:`LAST_ROUNDS` rounds of ``--c_rounds`` (the summary's window)."""
+    return round_index % config.eval_every == 0 or round_index > config.c_rounds - LAST_ROUNDS
+
+
+def not_evaluated() -> dict[str, None]:
+    """The test metrics of a round that did not score the served model: all None (JSON null)."""
+    return dict.fromkeys(TEST_FIELDS)
+
+
+class ServedModelScorer:
+    """The served model's test scores with fp32 activations and with the run's activation format.
+
+    Args:
+        config: the run's settings (model, precision policy, ``--eval_precision``, test batch size).
+        data: the run's dataset; its test split is scored.
+        device: where the evaluation models live.
+        compile: compile the forward of the model with the run's activation format (the fp32 one is
+            compiled only when it is the only model, i.e. when the policy quantizes no activations:
+            without quantizers to fuse, compiling it would cost start-up time for little).
+        verify: tolerance of the compiled forward's check against eager (see ``MaybeCompiled``).
+    """
+
+    def __init__(self, config: RunConfig, data: Dataset, device: torch.device, *, compile: bool = False,
+                 verify: float | None = None) -> None:
+        self.test_x, self.test_y = data.test_x, data.test_y
+        self.batch_size = config.test_batch_size
+        self.scored = config.scored_activations()
+        policy = config.policy()
+        fp32 = build_run_model(config, data).to(device)
+        only = not policy.quantizes_activations
+        self._models = {"fp32_act": (fp32, MaybeCompiled(fp32, enabled=compile and only, verify=verify,
+                                                         mode=config.compile_mode))}
+        if not only:
+            model = build_run_model(config, data).to(device)
+            policy.prepare_model(model, data.train_x[: config.batch_size].to(device))
+            self._models["policy_act"] = (model, MaybeCompiled(model, enabled=compile, verify=verify,
+                                                               mode=config.compile_mode))
+        self.model, self.forward = self._models.get(self.scored, self._models["fp32_act"])
+
+    def score(self, served: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """The test metrics (the :data:`TEST_FIELDS`) of the served model state ``served``."""
+        results = {}
+        for name, (model, forward) in self._models.items():
+            model.load_state_dict(served)
+            results[name] = evaluate(model, self.test_x, self.test_y, batch_size=self.batch_size, forward=forward)
+        results.setdefault("policy_act", results["fp32_act"])
+        loss, accuracy = results[self.scored]
+        scores = {"test_accuracy": accuracy, "test_loss": loss}
+        for name, (loss, accuracy) in results.items():
+            scores[f"test_accuracy_{name}"], scores[f"test_loss_{name}"] = accuracy, loss
+        return scores
