@@ -7,7 +7,7 @@ one epoch; 8-bit W/A/G/E with BC blocks) on the first ``K`` clients sampled in r
 repetition trains those clients from the same start four ways, interleaved so that background load
 falls on all alike: the sequential path as ``lptfl run`` trains one client after another (its
 default threads and compile setting: compiled at 8 bits, eager in fp32) and the batched cohort
-(:mod:`lptfl.fl.cohort`), each in fp32 and in 8 bits. Times are medians over the repetitions after
+(:mod:`lptfl.fl.cohort`, compiled where the sequential path is), each in fp32 and in 8 bits. Times are medians over the repetitions after
 the first; ``startup_s`` is the first repetition's extra time on the fast path's 8-bit round
 (compilation, allocation). ``max_rel_diff_fp32_update`` is the largest relative L2 difference
 between a client's fp32 update from the two paths over all parameters;
@@ -62,7 +62,7 @@ class Setting:
         example = data.train_x[: config.batch_size]
         self.sequential = LocalTrainer(model, policy, optimizer=config.optimizer, lr=config.lr, example_input=example,
                                        compile=not policy.is_full_precision, device=device)
-        self.cohort = CohortTrainer(self.sequential)
+        self.cohort = CohortTrainer(self.sequential, compile=self.sequential.compiled)
         self.skip = prenorm_biases(model)
 
 

@@ -278,3 +278,21 @@ def test_format_fields_may_sit_in_each_record(valid):
     assert all(torch.equal(out[n], ref[n]) for n in ref)
     h["tensors"][0]["b"] = 7  # a record's own field wins over "q"
     _reject(build_payload(dict(h, q=q), streams), r"'conv.weight': 108 7-bit mantissas")
+
+
+def test_expected_formats_are_enforced(valid):
+    """``formats``: each named tensor must travel in the given format (raw for None);
+    the rounding is not on the wire, so it does not matter."""
+    state, payload, _, _ = valid
+    ok = {"conv.weight": FMT.with_rounding("stochastic"), "bn.running_var": None}
+    assert decode(payload, formats=ok).keys() == state.keys()
+    _reject(payload, r"tensor 'conv.weight': expected bfp8e8-BC-FC, got bfp6e8-BC-FC",
+            formats={"conv.weight": BFPFormat(8, layout="BC")})
+    _reject(payload, r"tensor 'conv.weight': expected bfp6e8-B-FC, got bfp6e8-BC-FC",
+            formats={"conv.weight": BFPFormat(6, layout="B")})
+    _reject(payload, r"tensor 'conv.weight': expected a raw \(full-precision\) record, got bfp6e8-BC-FC",
+            formats={"conv.weight": None})
+    _reject(payload, r"tensor 'bn.running_var': expected bfp6e8-BC-FC, got a raw record",
+            formats={"bn.running_var": FMT})
+    with pytest.raises(TypeError, match="BFPFormat or None"):
+        decode(payload, formats={"conv.weight": "bfp6"})

@@ -54,8 +54,8 @@ def sequential(trainer, start, data, *, rounds=2, epochs=1, batch_size=8, regula
     return out
 
 
-def batched(trainer, start, data, *, rounds=2, epochs=1, batch_size=8, prox_mu=0.0):
-    cohort = CohortTrainer(trainer)
+def batched(trainer, start, data, *, rounds=2, epochs=1, batch_size=8, prox_mu=0.0, compile=False):
+    cohort = CohortTrainer(trainer, compile=compile)
     gens = [torch.Generator().manual_seed(100 + k) for k in range(len(data))]
     states = [None] * len(data)
     rounds_out = []
@@ -85,6 +85,29 @@ def test_fp32_updates_equal_the_sequential_ones(model_name):
         flat, steps = cohort[1][k].optimizer_state
         np.testing.assert_allclose(flat, seq[k][1][0], rtol=1e-4, atol=1e-9)
         np.testing.assert_array_equal(steps, seq[k][1][1])
+
+
+def test_compiled_cohort_pads_to_one_shape_and_matches_the_sequential_updates():
+    # compiled, short batches are padded and finished clients take zero-weight steps: one shape,
+    # the same updates (fp32: within float reassociation; 8 bits: the same losses to rounding flips)
+    for policy, tolerance in (("fp32", 1e-5), ("q8", None)):
+        trainer, start, data = setup(MLP(1, 10, 8, hidden=16), POLICIES[policy], [13, 29, 8])
+        seq = sequential(trainer, start, data, rounds=1)
+        cohort = CohortTrainer(trainer, compile=True)
+        done = batched_with(cohort, start, data)
+        assert cohort._vloss.active  # the first compiled step agreed with eager
+        for k in range(len(data)):
+            ours, theirs = done[k].result, seq[k][0][0]
+            assert ours.steps == theirs.steps
+            assert ours.loss == pytest.approx(theirs.loss, rel=1e-3)
+            if tolerance is not None:
+                assert relative_update_difference(ours.state, theirs.state, start) <= tolerance
+
+
+def batched_with(cohort, start, data, batch_size=8):
+    gens = [torch.Generator().manual_seed(100 + k) for k in range(len(data))]
+    return cohort.train([CohortClient(start, x, y, g) for (x, y), g in zip(data, gens)], epochs=1,
+                        batch_size=batch_size, lr=1e-3)
 
 
 @pytest.mark.parametrize("policy", ["q8", "q4", "mixed"])

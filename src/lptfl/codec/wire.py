@@ -499,16 +499,10 @@ def _check_formats(records: list[_Record], formats: Mapping[str, BFPFormat | Non
         if r.name not in formats:
             continue
         want = formats[r.name]
-        if want is None and r.kind != "raw":
-            raise PayloadError(f"tensor {r.name!r}: expected a raw (full-precision) record, got {r.fmt.name}")
-        if want is not None and (r.fmt is None or _spec(r.fmt) != _spec(want)):
-            got = "a raw record" if r.fmt is None else r.fmt.name.rsplit("-", 1)[0]
-            raise PayloadError(f"tensor {r.name!r}: expected {want.name.rsplit('-', 1)[0]}, got {got}")
-
-
-def _spec(fmt: BFPFormat) -> tuple[int, int, str, str]:
-    """What of a format is on the wire (everything but the rounding)."""
-    return fmt.bits, fmt.exp_bits, fmt.layout, fmt.small_block
+        got = "a raw record" if r.fmt is None else r.fmt.wire_name
+        if (want is None) != (r.fmt is None) or (want is not None and want.wire_name != got):
+            expected = "a raw (full-precision) record" if want is None else want.wire_name
+            raise PayloadError(f"tensor {r.name!r}: expected {expected}, got {got}")
 
 
 def _decode(payload, expect, formats, max_bytes: int) -> dict[str, torch.Tensor]:

@@ -30,8 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from lptfl.fl.client import LocalTrainer, TrainResult
+from lptfl.fl.client import (
+    STEP_GRAD_TOLERANCE,
+    STEP_LOSS_FLOOR,
+    STEP_LOSS_TOLERANCE,
+    LocalTrainer,
+    TrainResult,
+)
 from lptfl.quant.activation import Quantizer
+from lptfl.quant.compiled import MaybeCompiled, mismatch
 from lptfl.quant.format import BFPFormat
 from lptfl.quant.optim import LowPrecisionOptimizer
 from lptfl.quant.quantize import quantize_with_key
@@ -102,9 +109,12 @@ class CohortTrainer:
         trainer: the sequential trainer whose model (quantizers and bf16 layers inserted),
             precision formats and Adam settings the cohort uses. Check
             :func:`cohort_unsupported` first.
+        compile: fuse the batched forward and backward with ``torch.compile`` (checked against
+            eager on the first step, as the sequential trainer's).
+        compile_mode: ``torch.compile``'s mode.
     """
 
-    def __init__(self, trainer: LocalTrainer) -> None:
+    def __init__(self, trainer: LocalTrainer, *, compile: bool = False, compile_mode: str = "default") -> None:
         why = cohort_unsupported(trainer)
         if why is not None:
             raise ValueError(f"cannot train a batched cohort: {why}")
@@ -122,12 +132,14 @@ class CohortTrainer:
         group = trainer.inner.param_groups[0]
         self.betas: tuple[float, float] = tuple(group["betas"])
         self.eps: float = group["eps"]
+        self._vloss = MaybeCompiled(vmap(self._loss), enabled=compile, mode=compile_mode)
+        self._step_checked = not compile
 
     def _loss(self, params: dict[str, torch.Tensor], keys: dict[str, torch.Tensor], x: torch.Tensor,
-              y: torch.Tensor) -> torch.Tensor:
-        """One client's mean loss on one batch (vmapped over the cohort)."""
+              y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """One client's mean loss over the rows of its batch with weight 1 (vmapped over the cohort;
+        NaN for a client with none, whose rows are not used)."""
         logits = functional_call(self.base, (params, keys), (x,))
-        weight = torch.ones(y.shape[0], device=x.device)
         return (F.cross_entropy(logits, y, reduction="none") * weight).sum() / weight.sum()
 
     def _moments(self, clients: list[CohortClient]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -209,7 +221,7 @@ class CohortTrainer:
                     orders[k] = torch.randperm(sizes[k], generator=clients[k].generator).to(dev)
                 batches[k] = orders[k][within * batch_size : (within + 1) * batch_size]
                 keys[k] = self._step_keys(clients[k].generator)
-            grads = self._gradients(params, active, batches, keys, xs, ys, loss_sums)
+            grads = self._gradients(params, active, batches, keys, xs, ys, loss_sums, batch_size)
             self._update(params, grads, exp_avg, exp_avg_sq, steps, active, keys, lr, prox_mu, anchors)
         results = []
         for k in range(count):
@@ -233,27 +245,76 @@ class CohortTrainer:
 
     def _gradients(self, params: list[torch.Tensor], active: list[int], batches: dict[int, torch.Tensor],
                    keys: dict[int, tuple], xs: list[torch.Tensor], ys: list[torch.Tensor],
-                   loss_sums: torch.Tensor) -> list[torch.Tensor]:
-        """Gradients of the active clients' batch losses (zero rows for the others); adds each
-        client's ``loss * batch size`` to ``loss_sums``. Clients whose batches differ in size run
-        as separate vmapped groups."""
+                   loss_sums: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+        """Gradients of the active clients' batch losses (rows of the others are not used); adds each
+        client's ``loss * batch size`` to ``loss_sums``.
+
+        Eager, clients whose batches differ in size run as separate vmapped groups. Compiled, every
+        step has one shape, so nothing recompiles: all clients take part, a short batch is padded
+        with zero-weight copies of its own samples (the same loss, gradients and per-tensor
+        activation maxima) and a client that is done gets a zero-weight batch.
+        """
         grads = [torch.zeros_like(p) for p in params]
-        groups: dict[int, list[int]] = {}
-        for k in active:
-            groups.setdefault(int(batches[k].shape[0]), []).append(k)
+        if self._vloss.active:
+            groups = {batch_size: list(range(params[0].shape[0]))}
+        else:
+            groups = {}
+            for k in active:
+                groups.setdefault(int(batches[k].shape[0]), []).append(k)
         for size, members in groups.items():
             index = torch.tensor(members, device=params[0].device)
-            leaves = [p.index_select(0, index).requires_grad_() for p in params]
-            named = dict(zip(self.param_names, leaves))
-            key_rows = torch.stack([keys[k][0] for k in members]).to(params[0].device) if self.key_names else None
-            named_keys = {} if key_rows is None else {n: key_rows[:, j] for j, n in enumerate(self.key_names)}
-            x = torch.stack([xs[k][batches[k]] for k in members])
-            y = torch.stack([ys[k][batches[k]] for k in members])
-            losses = vmap(self._loss)(named, named_keys, x, y)
-            for g, leaf in zip(grads, torch.autograd.grad(losses.sum(), leaves)):
-                g.index_copy_(0, index, leaf)
-            loss_sums.index_add_(0, index, losses.detach().to(torch.float64) * size)
+            leaves = [p if len(members) == p.shape[0] else p.index_select(0, index) for p in params]
+            leaves = [leaf.detach().requires_grad_() for leaf in leaves]
+            inputs = self._inputs(members, batches, keys, xs, ys, size)
+            losses, step_grads = self._loss_and_grads(leaves, *inputs)
+            for g, leaf_grad in zip(grads, step_grads):
+                g.index_copy_(0, index, leaf_grad)
+            counts = inputs[-1].sum(dim=1).to(torch.float64)  # real samples per client (0: done)
+            loss_sums.index_add_(0, index, losses.detach().to(torch.float64).nan_to_num() * counts)
         return grads
+
+    def _inputs(self, members: list[int], batches: dict[int, torch.Tensor], keys: dict[int, tuple],
+                xs: list[torch.Tensor], ys: list[torch.Tensor], size: int) -> tuple:
+        """``(quantizer keys by name, x, y, weight)`` of ``members`` for one step, batches padded to
+        ``size`` rows with zero-weight copies of each client's own samples."""
+        dev = xs[0].device
+        rows, weights, key_rows = [], [], []
+        for k in members:
+            batch = batches.get(k)
+            real = 0 if batch is None else int(batch.shape[0])
+            if batch is None:
+                batch = torch.arange(size, device=dev) % max(int(ys[k].shape[0]), 1)
+            rows.append(batch[torch.arange(size, device=dev) % batch.shape[0]])
+            weights.append((torch.arange(size, device=dev) < real).to(torch.float32))
+            if self.key_names:
+                key_rows.append(keys[k][0] if k in keys else torch.zeros(len(self.key_names), dtype=torch.int32))
+        named_keys = {}
+        if self.key_names:
+            table = torch.stack(key_rows).to(dev)
+            named_keys = {name: table[:, j] for j, name in enumerate(self.key_names)}
+        x = torch.stack([xs[k][r] for k, r in zip(members, rows)])
+        y = torch.stack([ys[k][r] for k, r in zip(members, rows)])
+        return named_keys, x, y, torch.stack(weights)
+
+    def _loss_and_grads(self, leaves: list[torch.Tensor], keys: dict, x: torch.Tensor, y: torch.Tensor,
+                        weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Each client's loss (``K``) and the gradients of their sum. The first compiled step is
+        repeated eagerly and kept only if the two agree (the sequential path's tolerances,
+        :meth:`LocalTrainer._checked_step`); otherwise the cohort continues eagerly, with a warning."""
+        losses = self._vloss(dict(zip(self.param_names, leaves)), keys, x, y, weight)
+        grads = torch.autograd.grad(losses.sum(), leaves)
+        if self._step_checked or not self._vloss.active:
+            return losses, grads
+        self._step_checked = True
+        eager = self._vloss.fn(dict(zip(self.param_names, leaves)), keys, x, y, weight)
+        eager_grads = torch.autograd.grad(eager.sum(), leaves)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        why = (mismatch(losses.detach(), eager.detach(), STEP_LOSS_TOLERANCE, floor=STEP_LOSS_FLOOR)
+               or mismatch(flat, torch.cat([g.reshape(-1) for g in eager_grads]), STEP_GRAD_TOLERANCE))
+        if why is not None:
+            self._vloss.disable(f"torch.compile gave a wrong cohort step on {self.device} ({why})")
+            return eager, eager_grads
+        return losses, grads
 
     @torch.no_grad()
     def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],

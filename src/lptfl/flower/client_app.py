@@ -30,6 +30,7 @@ from lptfl.fl.algorithms import batchnorm_names, proximal_regularizer
 from lptfl.fl.ensemble import label_counts
 from lptfl.fl.fedgen import FeatureGenerator, FedGenObjective
 from lptfl.flower.config import from_flower_config
+from lptfl.flower.optimizer_state import OPTIMIZER_STATE, load_optimizer_state, save_optimizer_state
 from lptfl.flower.payload import PAYLOAD_RECORD, from_record, to_record
 from lptfl.flower.strategy import CONFIG_RECORD, GENERATOR_RECORD, METRICS_RECORD
 
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 app = ClientApp()
 
-OPTIMIZER_STATE = "lptfl-optimizer-state"
 LOCAL_STATE = "lptfl-local-state"  # FedBN: the batch norm that never leaves the node
 
 
@@ -68,39 +68,6 @@ def _cached_client_data(key: tuple, partition_id: int, num_partitions: int):
     parts, _ = split_clients(replace(config, num_clients=num_partitions), data.train_y.numpy())
     index = torch.from_numpy(parts[partition_id])
     return data, data.train_x[index], data.train_y[index]
-
-
-def save_optimizer_state(optimizer: torch.optim.Optimizer, state: RecordDict) -> None:
-    """Put the optimizer's per-parameter tensors into ``state`` as numpy arrays."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    arrays = {}
-    for i, p in enumerate(params):
-        for name, value in optimizer.state.get(p, {}).items():
-            if torch.is_tensor(value):
-                arrays[f"{i}/{name}"] = Array(value.detach().cpu().numpy().copy())
-    if arrays:
-        state[OPTIMIZER_STATE] = ArrayRecord(arrays)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: RecordDict) -> bool:
-    """Restore what :func:`save_optimizer_state` kept; a fresh state if none (or it does not fit)."""
-    optimizer.state.clear()
-    record = state.array_records.get(OPTIMIZER_STATE) if OPTIMIZER_STATE in state else None
-    if record is None:
-        return False
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    restored: dict = {}
-    for key in record.keys():
-        index, name = key.split("/", 1)
-        p = params[int(index)]
-        value = torch.from_numpy(record[key].numpy().copy())
-        if value.dim() > 0 and value.shape != p.shape:
-            log.warning("stored optimizer state does not fit the model; starting fresh")
-            return False
-        restored.setdefault(p, {})[name] = value.to(p.device)
-    for p, values in restored.items():
-        optimizer.state[p] = values
-    return True
 
 
 @app.train()
@@ -180,4 +147,4 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
 
 
-__all__ = ["app", "load_optimizer_state", "node_partition", "save_optimizer_state", "train", "query"]
+__all__ = ["OPTIMIZER_STATE", "app", "load_optimizer_state", "node_partition", "save_optimizer_state", "train", "query"]

@@ -3,6 +3,8 @@
 The array travels as Flower's numpy ``Array`` (``np.save`` with ``allow_pickle=False``), so
 what crosses the wire is never unpickled; its dtype, rank and size are checked before the
 data are read, and the bytes are then decoded and validated by :func:`lptfl.codec.decode`.
+The server announces the uplink format it accepts in the train config
+(:data:`UPLINK_FORMAT_KEY`, :func:`format_label`), so a client with another policy fails early.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from lptfl.codec import PayloadError
+from lptfl.quant import BFPFormat
 
 PAYLOAD_RECORD = "payload"
 PAYLOAD_KEY = "bytes"
@@ -41,3 +44,12 @@ def from_record(record: ArrayRecord, *, max_bytes: int = 1 << 30) -> bytes:
     if data.dtype != np.uint8 or data.ndim != 1:
         raise PayloadError("payload array does not match its declared dtype/shape")
     return data.tobytes()
+
+
+UPLINK_FORMAT_KEY = "lptfl-uplink-format"
+"""Config-record key under which the strategy announces the uplink format it accepts."""
+
+
+def format_label(fmt: BFPFormat | None) -> str:
+    """What of ``fmt`` is on the wire, as text: ``"bfp8e8-BC-FC"`` (no rounding), or ``"fp32"`` for None."""
+    return "fp32" if fmt is None else fmt.wire_name

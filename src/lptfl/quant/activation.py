@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch._C._functorch import is_batchedtensor
 
+from lptfl.quant.cohort_quantizer import quantize_client_activation
 from lptfl.quant.format import BFPFormat
 from lptfl.quant.quantize import check_quantizable, quantize_with_key
 from lptfl.quant.random import mix_key
@@ -41,53 +42,6 @@ class _QuantizeForwardBackward(torch.autograd.Function):
         (key,) = ctx.saved_tensors
         grad_key = mix_key(key, _BACKWARD_SALT) if bwd.rounding == "stochastic" else None
         return quantize_with_key(grad, bwd, grad_key), None, None, None
-
-
-class _QuantizeCohort(torch.autograd.Function):
-    """The quantizer for a cohort: dim 0 of ``x`` indexes clients, ``keys`` holds their keys;
-    blocks and rounding draws are each client's own (as :class:`_QuantizeForwardBackward` per client)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keys: torch.Tensor, fwd: BFPFormat | None, bwd: BFPFormat | None):
-        ctx.bwd = bwd
-        ctx.save_for_backward(keys)
-        if fwd is None:
-            return x.clone()
-        return quantize_with_key(x, fwd, keys if fwd.rounding == "stochastic" else None, cohort=True)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        bwd = ctx.bwd
-        if bwd is None:
-            return grad, None, None, None
-        (keys,) = ctx.saved_tensors
-        grad_keys = mix_key(keys, _BACKWARD_SALT) if bwd.rounding == "stochastic" else None
-        return quantize_with_key(grad, bwd, grad_keys, cohort=True), None, None, None
-
-
-class _QuantizeVmapped(torch.autograd.Function):
-    """The quantizer under ``torch.func.vmap`` (a cohort trained as one batched model): the
-    vmap rule moves the clients' dim to the front and calls :class:`_QuantizeCohort`, so each
-    client's blocks and draws stay its own."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, key: torch.Tensor, fwd: BFPFormat | None, bwd: BFPFormat | None):
-        return _QuantizeCohort.apply(x.unsqueeze(0), key.view(1), fwd, bwd).squeeze(0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        raise RuntimeError("the vmapped quantizer is differentiated through _QuantizeCohort")
-
-    @staticmethod
-    def vmap(info, in_dims, x, key, fwd, bwd):
-        x_dim, key_dim = in_dims[0], in_dims[1]
-        x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
-        key = key.movedim(key_dim, 0) if key_dim is not None else key.expand(info.batch_size)
-        return _QuantizeCohort.apply(x, key, fwd, bwd), 0
 
 
 def quantize_activation(
@@ -125,7 +79,7 @@ class Quantizer(nn.Module):
         if self.forward_format is not None and not torch.compiler.is_compiling():
             check_quantizable(x, self.forward_format)
         if is_batchedtensor(x):  # one client of a cohort trained as a batched model
-            return _QuantizeVmapped.apply(x, self.key, self.forward_format, self.backward_format)
+            return quantize_client_activation(x, self.key, self.forward_format, self.backward_format)
         return quantize_activation(x, self.key, self.forward_format, self.backward_format)
 
     def extra_repr(self) -> str:

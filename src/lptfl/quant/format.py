@@ -121,3 +121,8 @@ class BFPFormat:
     def name(self) -> str:
         """A short name, e.g. ``bfp8-BC-FC-stochastic``."""
         return f"bfp{self.bits}e{self.exp_bits}-{self.layout}-{self.small_block}-{self.rounding}"
+
+    @property
+    def wire_name(self) -> str:
+        """The name without the rounding (which a payload does not record), e.g. ``bfp8e8-BC-FC``."""
+        return f"bfp{self.bits}e{self.exp_bits}-{self.layout}-{self.small_block}"

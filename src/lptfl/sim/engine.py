@@ -106,7 +106,7 @@ class Simulation:
             return None
         size = self.config.cohort_size or "all the round's"
         log.info("clients train as one batched model, %s clients per step (--cohort %s)", size, mode)
-        return CohortTrainer(self.trainer)
+        return CohortTrainer(self.trainer, compile=self.trainer.compiled, compile_mode=self.config.compile_mode)
 
     def _updates(self, clients: list[int], start_state: dict[str, torch.Tensor], regularizer, round_index: int,
                  lr: float, phase: dict[str, float]) -> Iterator[tuple[int, TrainResult]]:

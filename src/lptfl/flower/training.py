@@ -1,0 +1,215 @@
+"""Client side of :class:`lptfl.flower.LowPrecisionFedAvg` for any Flower ``ClientApp``.
+
+One call per message, with the user's own model and data::
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return train_low_precision(msg, context, Net(), (x, y), policy=PrecisionPolicy.low_precision(8))
+
+:func:`train_low_precision` decodes the downlink (the packed bytes of :mod:`lptfl.codec`),
+puts the policy's activation/error quantizers into the model, trains with the low-precision
+optimizer (:class:`lptfl.fl.LocalTrainer`), keeps the optimizer state in ``context.state``
+between rounds, encodes the trained model in the policy's uplink format and returns the
+reply. :func:`evaluate_low_precision` decodes the downlink and scores it. The loss is
+cross-entropy over the model's logits (classification).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Union
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lptfl import codec
+from lptfl.fl import LocalTrainer, evaluate, full_precision_names
+from lptfl.fl.algorithms import proximal_regularizer
+from lptfl.flower.optimizer_state import load_optimizer_state, save_optimizer_state
+from lptfl.flower.payload import UPLINK_FORMAT_KEY, format_label, from_record, to_record
+from lptfl.quant import PrecisionPolicy
+
+Data = Union[tuple[torch.Tensor, torch.Tensor], DataLoader]
+"""Inputs ``n x ...`` (float) and integer labels ``n``, or a DataLoader yielding ``(x, y)`` batches."""
+
+METRICS_RECORD = "metrics"
+DEFAULT_BATCH_SIZE = 32
+
+
+def as_tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` from tensors, or from one pass over a DataLoader (its batches concatenated;
+    the helpers then shuffle and batch with their own seeded generator).
+    Floating inputs become float32, labels int64.
+
+    Raises:
+        TypeError: ``data`` is neither a pair of tensors nor a DataLoader of ``(x, y)`` batches.
+        ValueError: x and y disagree in length, or there are no samples.
+    """
+    if isinstance(data, DataLoader):
+        xs, ys = [], []
+        for batch in data:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"the DataLoader must yield (x, y) pairs, got {type(batch).__name__}")
+            xs.append(torch.as_tensor(batch[0]))
+            ys.append(torch.as_tensor(batch[1]))
+        if not xs:
+            raise ValueError("the DataLoader yielded no batches")
+        x, y = torch.cat(xs), torch.cat(ys)
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        x, y = data
+    else:
+        raise TypeError(f"data must be a pair of tensors (x, y) or a DataLoader, got {type(data).__name__}")
+    if x.shape[0] != y.shape[0] or y.shape[0] == 0:
+        raise ValueError(f"x has {x.shape[0]} rows and y {y.shape[0]}; expected the same number, at least 1")
+    return (x.float() if x.is_floating_point() else x), y.long()
+
+
+def _downlink(msg: Message) -> tuple[str, bytes]:
+    """``(record key, payload)`` of the message's single ArrayRecord."""
+    records = msg.content.array_records
+    if len(records) != 1:
+        raise ValueError(f"expected one ArrayRecord (the lptfl downlink) in the message, got {sorted(records)}")
+    key, record = next(iter(records.items()))
+    return key, from_record(record)
+
+
+def _config(msg: Message) -> Mapping:
+    records = msg.content.config_records
+    return next(iter(records.values())) if len(records) == 1 else {}
+
+
+def _expected_state(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def _round_seed(context: Context, server_round: int, seed: int | None) -> int:
+    """``seed``, or one derived from the node id and the round (stable across reruns)."""
+    if seed is not None:
+        return int(seed)
+    words = np.random.SeedSequence([int(context.node_id) & (2**63 - 1), int(server_round)]).generate_state(2, np.uint64)
+    return int(words[0] >> np.uint64(1))
+
+
+def train_low_precision(
+    msg: Message,
+    context: Context,
+    model: nn.Module,
+    train_data: Data,
+    *,
+    policy: PrecisionPolicy,
+    epochs: int = 1,
+    batch_size: int | None = None,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    keep_optimizer_state: bool = True,
+    compress: bool = False,
+    seed: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Message:
+    """Train ``model`` on ``train_data`` from the downlink in ``msg``; the reply with the update.
+
+    Args:
+        msg: a train message of :class:`~lptfl.flower.LowPrecisionFedAvg` (its single
+            ArrayRecord holds the packed downlink; its config may hold ``proximal-mu``).
+        context: the node's context; its ``state`` keeps the optimizer state between rounds.
+        model: the architecture, any ``nn.Module`` whose ``state_dict`` matches the server's
+            model. Changed in place: quantizers are inserted and the weights trained.
+        train_data: ``(x, y)`` tensors or a DataLoader of ``(x, y)`` batches.
+        policy: word lengths, layouts and rounding of weights, gradients, activations,
+            errors and the uplink (e.g. ``PrecisionPolicy.low_precision(8)``); its uplink
+            format must be the one the strategy accepts.
+        epochs: local epochs.
+        batch_size: mini-batch size (None: the DataLoader's, else 32).
+        lr: the local optimizer's learning rate.
+        optimizer: ``"adam"`` (the paper's) or ``"sgd"`` (momentum 0.9).
+        keep_optimizer_state: keep the optimizer state in ``context.state`` and resume from
+            it in the node's next round (the paper's persistent local state).
+        compress: zstd-compress the uplink payload (lossless).
+        seed: seeds shuffling and stochastic rounding (None: derived from the node id and
+            the server round).
+        device: where training runs.
+
+    Returns:
+        The reply: the packed update in an ArrayRecord under the downlink's key, and a
+        MetricRecord ``"metrics"`` with ``num-examples``, ``train-loss`` (mean cross-entropy,
+        nats), ``bytes-down`` and ``bytes-up`` (payload lengths) and ``state-restored`` (0/1).
+
+    Raises:
+        ValueError: the server accepts another uplink format than ``policy.uplink``, the
+            message holds no single ArrayRecord, or the data are malformed.
+        lptfl.codec.PayloadError: the downlink does not decode to ``model``'s state.
+    """
+    config = _config(msg)
+    announced = config.get(UPLINK_FORMAT_KEY)
+    if announced is not None and announced != format_label(policy.uplink):
+        raise ValueError(f"the server accepts uplinks in {announced}, this client's policy sends "
+                         f"{format_label(policy.uplink)}; use the server's precision policy")
+    key, down = _downlink(msg)
+    x, y = as_tensors(train_data)
+    if batch_size is None:
+        loader_batch = train_data.batch_size if isinstance(train_data, DataLoader) else None
+        batch_size = loader_batch or DEFAULT_BATCH_SIZE
+    full_precision = full_precision_names(model)
+    start = codec.decode(down, expect=_expected_state(model))
+    trainer = LocalTrainer(model, policy, optimizer=optimizer, lr=lr, example_input=x[:batch_size], device=device)
+    restored = keep_optimizer_state and load_optimizer_state(trainer.inner, context.state)
+    server_round = int(config.get("server-round", 0))
+    generator = torch.Generator().manual_seed(_round_seed(context, server_round, seed))
+    mu = float(config.get("proximal-mu", 0.0))
+    # Flower's FedProx adds (mu / 2) ||w - w_global||^2; lptfl's term is mu' ||w - w_global||^2
+    regularizer = proximal_regularizer(trainer.model, start, mu / 2) if mu > 0 else None
+    result = trainer.train(start, x, y, epochs=epochs, batch_size=batch_size, generator=generator,
+                           regularizer=regularizer)
+    if keep_optimizer_state:
+        save_optimizer_state(trainer.inner, context.state)
+    up = codec.encode(result.state, policy.uplink, full_precision=full_precision, compress=compress)
+    metrics = MetricRecord({
+        "num-examples": int(result.num_samples),
+        "train-loss": float(result.loss),
+        "bytes-down": len(down),
+        "bytes-up": len(up),
+        "state-restored": int(restored),
+    })
+    return Message(RecordDict({key: to_record(up), METRICS_RECORD: metrics}), reply_to=msg)
+
+
+def evaluate_low_precision(
+    msg: Message,
+    model: nn.Module,
+    test_data: Data,
+    *,
+    policy: PrecisionPolicy,
+    batch_size: int = 1000,
+    device: str | torch.device = "cpu",
+) -> Message:
+    """Score the downlink model of ``msg`` on ``test_data``; the reply with the metrics.
+
+    Args:
+        msg: an evaluate message of :class:`~lptfl.flower.LowPrecisionFedAvg`.
+        model: the architecture (quantizers are inserted in place).
+        test_data: ``(x, y)`` tensors or a DataLoader of ``(x, y)`` batches.
+        policy: the activations' precision during scoring (its activation format; pass
+            ``PrecisionPolicy.full_precision()`` to score in fp32).
+        batch_size: rows per forward pass.
+        device: where scoring runs.
+
+    Returns:
+        The reply: a MetricRecord ``"metrics"`` with ``num-examples``, ``eval-loss`` (mean
+        cross-entropy, nats), ``eval-acc`` (fraction 0-1) and ``bytes-down``.
+    """
+    _, down = _downlink(msg)
+    x, y = as_tensors(test_data)
+    state = codec.decode(down, expect=_expected_state(model))
+    model.to(device)
+    policy.prepare_model(model, x[:batch_size].to(device))
+    model.load_state_dict(state)
+    loss, accuracy = evaluate(model, x, y, batch_size=batch_size)
+    metrics = MetricRecord({"num-examples": int(y.shape[0]), "eval-loss": loss, "eval-acc": accuracy,
+                            "bytes-down": len(down)})
+    return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
+
+
+__all__ = ["Data", "as_tensors", "evaluate_low_precision", "train_low_precision"]
