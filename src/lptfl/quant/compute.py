@@ -122,15 +122,10 @@ _SWAPS = {nn.Conv2d: BF16Conv2d, nn.Linear: BF16Linear}
 _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)  # keep values on the grid
 
 
-def enable_bf16_compute(model: nn.Module, example_input: torch.Tensor) -> list[str]:
-    """Switch to bf16 every Conv2d/Linear of ``model`` whose input is a quantizer's output.
-
-    Runs one forward pass on ``example_input`` (no gradients) to see which layers are fed
-    by a :class:`Quantizer`. Weights must be kept on a <= 8-bit grid by the optimizer.
-
-    Returns:
-        Names of the switched layers.
-    """
+def quantizer_fed(model: nn.Module, example_input: torch.Tensor, kinds: tuple[type[nn.Module], ...]) -> list[str]:
+    """Names of the modules of exactly the types ``kinds`` whose input is a quantizer's output
+    (also through flatten/reshape layers), found by one forward pass on ``example_input`` (no
+    gradients)."""
     produced: dict[int, torch.Tensor] = {}
     fed: list[str] = []
     names = {module: name for name, module in model.named_modules()}
@@ -148,13 +143,24 @@ def enable_bf16_compute(model: nn.Module, example_input: torch.Tensor) -> list[s
 
     handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, Quantizer)]
     handles += [m.register_forward_hook(propagate) for m in model.modules() if isinstance(m, _RESHAPES)]
-    handles += [m.register_forward_pre_hook(check) for m in model.modules() if type(m) in _SWAPS]
+    handles += [m.register_forward_pre_hook(check) for m in model.modules() if type(m) in kinds]
     try:
         with torch.no_grad():
             model(example_input)
     finally:
         for handle in handles:
             handle.remove()
+    return fed
+
+
+def enable_bf16_compute(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Switch to bf16 every Conv2d/Linear of ``model`` whose input is a quantizer's output
+    (:func:`quantizer_fed`). Weights must be kept on a <= 8-bit grid by the optimizer.
+
+    Returns:
+        Names of the switched layers.
+    """
+    fed = quantizer_fed(model, example_input, tuple(_SWAPS))
     modules = dict(model.named_modules())
     for name in fed:
         modules[name].__class__ = _SWAPS[type(modules[name])]

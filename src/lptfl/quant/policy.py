@@ -120,10 +120,12 @@ class PrecisionPolicy:
         raise ValueError(f"unknown precision preset {name!r}; expected 'paper-8bit', 'paper-6bit' or 'fp32'")
 
     def prepare_model(self, model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
-        """Insert activation/error quantizers, and switch eligible layers to bf16 compute.
+        """Insert activation/error quantizers, switch eligible layers to bf16 compute and, with
+        <= 8-bit activations, to layers that save for backward in the values' own format
+        (:mod:`lptfl.quant.compact`).
 
-        ``example_input`` (one batch) lets the bf16 switch find which layers receive
-        quantized inputs; without it layers stay fp32. Returns ``model`` (changed in place).
+        ``example_input`` (one batch) lets the switches find which layers receive quantized
+        inputs; without it layers stay as they are. Returns ``model`` (changed in place).
         """
         if self.quantizes_activations:
             insert_quantizers(model, self.activation, self.error)
@@ -131,6 +133,10 @@ class PrecisionPolicy:
             from lptfl.quant.compute import enable_bf16_compute
 
             enable_bf16_compute(model, example_input)
+        if example_input is not None and self.activation is not None and self.activation.bits <= 8:
+            from lptfl.quant.compact import enable_compact_saving
+
+            enable_compact_saving(model, example_input)
         return model
 
     def uses_bf16(self, device: torch.device) -> bool:
