@@ -7,6 +7,7 @@ import difflib
 import logging
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,8 @@ from lptfl.experiment.config import (
     load_config_file,
     typed_values,
 )
-from lptfl.experiment.results import ACTIVATIONS
+from lptfl.experiment.results import ACTIVATIONS, LAST_ROUNDS
+from lptfl.report import REPORT_FORMATS
 
 log = logging.getLogger("lptfl")
 
@@ -34,6 +36,16 @@ _HELP = {
     "dataset": "digits (embedded, default), mnist, fmnist, cifar10, cifar100, cinic10",
     "data_path": "directory holding the dataset files (torchvision layout for MNIST/FMNIST)",
     "download": "download missing dataset files from the official locations (checksummed)",
+    "no_verify": "load dataset files whose md5 differs from the published one (checked once per process)",
+    "batch_size": "local training batch size",
+    "test_batch_size": "evaluation batch size",
+    "lr": "client learning rate",
+    "lr_schedule": "client learning rate over the rounds (CosineAnnealingLR: cosine)",
+    "optimizer": "client optimizer (the published Adam, SGD: any case)",
+    "seed": "seed of every random draw (partition, sampling, rounding, initialisation)",
+    "weight_quantization_bits": "with --use_mixed_precision: word length of the weights",
+    "activation_quantization_bits": "with --use_mixed_precision: word length of activations and errors",
+    "grad_quantization_bits": "with --use_mixed_precision: word length of the gradients",
     "alpha": "Dirichlet concentration of the class split",
     "partition": "dirichlet (balanced, the paper's), dirichlet-plain, iid",
     "model_name": "ConvNet, MLP, resnet8, resnet18",
@@ -111,6 +123,26 @@ _HELP = {
 
 _ARG_TYPES = {"int": int, "float": float, "str": str, "ints": int}
 
+# --help's groups of `lptfl run` (each setting in one; tests check that every setting is placed)
+CORE, PRECISION, ALGORITHMS, RELIABILITY, OUTPUT, PERFORMANCE = (
+    "the paper's core flags", "precision", "algorithms", "reliability", "output", "performance")
+_GROUPS: dict[str, tuple[str, ...]] = {
+    CORE: ("dataset", "data_path", "download", "alpha", "partition", "model_name", "model_width", "c_rounds",
+           "num_clients", "frac", "epochs", "batch_size", "test_batch_size", "lr", "lr_schedule", "optimizer", "seed",
+           "moving_average", "moving_weight", "ma_start"),
+    PRECISION: ("use_quantization", "quantization_bits", "block_dim", "small_block", "quant_type", "downlink",
+                "use_mixed_precision", "weight_quantization_bits", "activation_quantization_bits",
+                "grad_quantization_bits", "compute", "eval_precision"),
+    ALGORITHMS: ("aggregation_mode", "aggregation_weighting", "model_norm", "lambda_fedprox", "abavg_val_fraction",
+                 "abavg_use_test_set", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
+                 "server_beta2", "server_tau", *(f.name for f in fields(RunConfig) if f.name.startswith("fed"))),
+    RELIABILITY: ("no_verify", "checkpoint_every", "dropout", "min_clients", "max_update_norm", "robust",
+                  "trim_fraction"),
+    OUTPUT: ("eval_every",),
+    PERFORMANCE: ("device", "compile", "compile_mode", "cohort", "cohort_size", "client_state", "compress"),
+}
+PUBLISHED_GROUP = "the published entry point's flags without effect here"
+
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, naming the nearest flag for an unknown one."""
@@ -127,40 +159,52 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"lptfl: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
-    """A flag per :class:`RunConfig` field (also under its published name; ``--no-X`` for a
-    boolean), and the published entry point's flags that change nothing here."""
+def _groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """The --help groups of ``parser``, in order, by title."""
+    return {title: parser.add_argument_group(title) for title in (*_GROUPS, PUBLISHED_GROUP)}
+
+
+def _add_setting_flags(groups: dict[str, argparse._ArgumentGroup], *, skip: tuple[str, ...] = ()) -> None:
+    """A flag per :class:`RunConfig` field in its group of ``groups`` (also under its published name;
+    ``--no-X`` for a boolean; a choice's values as its metavar), and the published entry point's
+    flags that change nothing here."""
+    group_of = {name: title for title, names in _GROUPS.items() for name in names}
     for f in fields(RunConfig):
         if f.name in skip:
             continue
+        group = groups[group_of[f.name]]
         names = [f"--{f.name}", *([f"--{f.metadata['published']}"] if "published" in f.metadata else [])]
         if field_kind(f) == "bool":
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=_HELP.get(f.name))
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, help=_HELP[f.name])
         else:
-            parser.add_argument(*names, dest=f.name, type=_ARG_TYPES[field_kind(f)],
-                                help=f"{_HELP.get(f.name, '')} (default {f.default})".strip())
+            choices = f.metadata.get("choices")
+            group.add_argument(*names, dest=f.name, type=_ARG_TYPES[field_kind(f)],
+                               metavar="{" + ",".join(choices) + "}" if choices else None,
+                               help=f"{_HELP[f.name]} (default {f.default})")
     for name, (kind, _, why) in PUBLISHED_NO_OPS.items():
-        help_text = f"the published entry point's flag; no effect here: {why}"
+        help_text = f"no effect here: {why}"
         if kind == "bool":
-            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_text)
+            groups[PUBLISHED_GROUP].add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(f"--{name}", type=_ARG_TYPES[kind], nargs="+" if kind == "ints" else None,
-                                help=help_text)
+            groups[PUBLISHED_GROUP].add_argument(f"--{name}", type=_ARG_TYPES[kind],
+                                                 nargs="+" if kind == "ints" else None, help=help_text)
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = sub.add_parser("run", help="run a federated experiment", argument_default=argparse.SUPPRESS)
-    _add_setting_flags(parser)
-    parser.add_argument("--config", type=Path, help="TOML file, or JSON file (*.json, the published entry point's "
-                                                    "format) of flag values (flags given here override it)")
-    parser.add_argument("--out", type=Path, help="output directory (default runs/<dataset>-<time>)")
-    parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
-                        help="replace the results already in --out")
-    parser.add_argument("--resume", type=Path, metavar="DIR",
-                        help="continue the run in DIR from its checkpoint, with its saved config.json")
-    parser.add_argument("--stop_after", type=int, metavar="ROUND",
-                        help="stop after this round with a checkpoint (exit 0); --resume continues the run")
-    parser.add_argument("--quiet", action=argparse.BooleanOptionalAction, help="no progress bar, warnings only")
+    parser = sub.add_parser("run", help="run a federated experiment", argument_default=argparse.SUPPRESS,
+                            usage="%(prog)s [flags]  (grouped below; a boolean's --no-X turns it off)")
+    groups = _groups(parser)
+    _add_setting_flags(groups)
+    groups[CORE].add_argument("--config", type=Path, help="TOML file, or JSON file (*.json, the published entry "
+                                                          "point's format) of flag values (flags given here override it)")
+    groups[OUTPUT].add_argument("--out", type=Path, help="output directory (default runs/<dataset>-<time>)")
+    groups[OUTPUT].add_argument("--overwrite", action=argparse.BooleanOptionalAction,
+                                help="replace the results already in --out")
+    groups[OUTPUT].add_argument("--quiet", action=argparse.BooleanOptionalAction, help="no progress bar, warnings only")
+    groups[RELIABILITY].add_argument("--resume", type=Path, metavar="DIR",
+                                     help="continue the run in DIR from its checkpoint, with its saved config.json")
+    groups[RELIABILITY].add_argument("--stop_after", type=int, metavar="ROUND",
+                                     help="stop after this round with a checkpoint (exit 0); --resume continues the run")
     return parser
 
 
@@ -173,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="paper-style table and curves of several runs")
     report.add_argument("runs", nargs="+", type=Path, help="run directories")
     report.add_argument("--plot", type=Path, help="save the curves of all runs here (PNG)")
+    report.add_argument("--format", default="markdown", choices=REPORT_FORMATS,
+                        help="markdown (the paper-style table), csv (one row per run) or json (rows with their "
+                             "accuracy curves) (default markdown)")
     compare = sub.add_parser("compare", help="whether a rerun retraces a run: rounds equal in all fields but timings "
                                              "(exit 0 if every shared round is, 1 if not)")
     compare.add_argument("reference", type=Path, help="run directory")
@@ -216,6 +263,8 @@ def _said_of(origin: dict[str, str]) -> Iterator[None]:
 def _command_run(args: argparse.Namespace) -> int:
     from lptfl.sim.runner import RunInterrupted, run_experiment
 
+    started = time.perf_counter()
+
     resume = getattr(args, "resume", None)
     out = getattr(args, "out", None)
     if resume is not None:
@@ -231,8 +280,6 @@ def _command_run(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args)
     if out is None:
-        import time
-
         out = Path("runs") / f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         summary = run_experiment(
@@ -245,12 +292,15 @@ def _command_run(args: argparse.Namespace) -> int:
     head = "final accuracy" if summary["rounds"] >= config.c_rounds else (
         f"paused after round {summary['rounds']} of {config.c_rounds} (continue with: lptfl run --resume {out}); "
         "accuracy")
-    print(
-        f"{head} {_final_accuracy(summary)}; uplink {summary['bytes_up_total']} B, "
-        f"downlink {summary['bytes_down_total']} B; "
-        f"{summary['wall_time_s']:.1f} s; results in {out}"
-    )
+    print(f"{head} {_final_accuracy(summary)}; {_totals(summary, started)}; results in {out}")
     return 0
+
+
+def _totals(summary: dict, started: float) -> str:
+    """Bytes both ways and the time since ``started`` (``time.perf_counter()``; set-up included),
+    with the rounds' share, for the final line."""
+    return (f"uplink {summary['bytes_up_total']} B, downlink {summary['bytes_down_total']} B; "
+            f"{time.perf_counter() - started:.1f} s with set-up ({summary['wall_time_s']:.1f} s in rounds)")
 
 
 def _final_accuracy(summary: dict) -> str:
@@ -260,8 +310,9 @@ def _final_accuracy(summary: dict) -> str:
         return "not evaluated yet"
     means = {name: summary.get(f"final_accuracy_{name}_mean") for name in ACTIVATIONS}
     named = ", ".join(f"{name.replace('_', ' ')}. {mean:.4f}" for name, mean in means.items() if mean is not None)
-    return (f"{summary['final_accuracy_mean']:.4f} +- {summary['final_accuracy_std']:.4f} (last 5 evaluated rounds; "
-            f"{named})")
+    window = min(LAST_ROUNDS, summary.get("evaluated_rounds", LAST_ROUNDS))
+    rounds = "the only evaluated round" if window == 1 else f"last {window} evaluated rounds"
+    return f"{summary['final_accuracy_mean']:.4f} +- {summary['final_accuracy_std']:.4f} ({rounds}; {named})"
 
 
 def _have_metrics(run_dirs: list[Path]) -> bool:
@@ -273,11 +324,11 @@ def _have_metrics(run_dirs: list[Path]) -> bool:
 
 
 def _command_report(args: argparse.Namespace) -> int:
-    from lptfl.report import plot_curves, table
+    from lptfl.report import plot_curves, report
 
     if not _have_metrics(args.runs):
         return 2
-    print(table(args.runs), end="")
+    print(report(args.runs, args.format), end="")
     if args.plot is not None:
         plot_curves(args.runs, args.plot)
         print(f"curves saved to {args.plot}")
@@ -304,23 +355,27 @@ def _command_compare(args: argparse.Namespace) -> int:
 
 def _flower_local_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("flower-local", argument_default=argparse.SUPPRESS,
+                            usage="%(prog)s --out DIR [flags]  (grouped below; a boolean's --no-X turns it off)",
                             help="run on a local Flower federation (SuperLink + SuperNodes on 127.0.0.1)")
-    parser.add_argument("--supernodes", type=int, default=2, help="SuperNodes, one data partition each (default 2)")
-    parser.add_argument("--rounds", type=int, help="communication rounds (same as --c_rounds)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction,
-                        help="replace the results already in --out")
-    parser.add_argument("--tls", action=argparse.BooleanOptionalAction,
-                        help="TLS with a throwaway CA made by openssl (default: insecure)")
-    parser.add_argument("--flwr-home", type=Path, help="FLWR_HOME and process logs (default: a temporary directory)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped (default 3600)")
-    parser.add_argument("--round-timeout", type=float, default=600.0,
+    groups = _groups(parser)
+    flower = parser.add_argument_group("the local federation")
+    flower.add_argument("--supernodes", type=int, default=2, help="SuperNodes, one data partition each (default 2)")
+    flower.add_argument("--insecure", action=argparse.BooleanOptionalAction,
+                        help="run without TLS (default: TLS with a throwaway CA made by openssl, since any local "
+                             "user can reach an unauthenticated SuperLink on loopback)")
+    flower.add_argument("--flwr-home", type=Path, help="FLWR_HOME and process logs (default: a temporary directory)")
+    flower.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped (default 3600)")
+    flower.add_argument("--round-timeout", type=float, default=600.0,
                         help="seconds a round waits for replies; late or dead nodes are counted as failed (default 600)")
-    parser.add_argument("--config", type=Path, help="TOML file, or JSON file (*.json, the published entry point's "
-                                                    "format) of flag values (flags given here override it)")
-    parser.add_argument("--quiet", action=argparse.BooleanOptionalAction, help="warnings only")
+    groups[CORE].add_argument("--rounds", type=int, help="communication rounds (same as --c_rounds)")
+    groups[CORE].add_argument("--config", type=Path, help="TOML file, or JSON file (*.json, the published entry "
+                                                          "point's format) of flag values (flags given here override it)")
+    groups[OUTPUT].add_argument("--out", type=Path, required=True, help="output directory")
+    groups[OUTPUT].add_argument("--overwrite", action=argparse.BooleanOptionalAction,
+                                help="replace the results already in --out")
+    groups[OUTPUT].add_argument("--quiet", action=argparse.BooleanOptionalAction, help="warnings only")
     # num_clients is --supernodes; checkpoints and simulated dropout are simulator-only
-    _add_setting_flags(parser, skip=("num_clients", "checkpoint_every", "dropout"))
+    _add_setting_flags(groups, skip=("num_clients", "checkpoint_every", "dropout"))
 
 
 def _command_flower_local(args: argparse.Namespace) -> int:
@@ -328,8 +383,9 @@ def _command_flower_local(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from lptfl.flower.config import FlowerOptions
-    from lptfl.flower.local import FlowerRunError, make_certificates, run_local
+    from lptfl.flower.local import FlowerRunError, local_security, run_local
     from lptfl.experiment.setup import check_device
+    from lptfl.sim.checkpoint import CONFIG, write_config
     from lptfl.sim.runner import prepare_output
 
     config = replace(config_from_args(args), num_clients=args.supernodes)
@@ -337,29 +393,36 @@ def _command_flower_local(args: argparse.Namespace) -> int:
         config = replace(config, c_rounds=args.rounds)
     config.validate()
     check_device(config.device)
+    started = time.perf_counter()
     prepare_output(args.out, overwrite=getattr(args, "overwrite", False))
+    write_config(args.out, config)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the federation on SIGTERM too
     with tempfile.TemporaryDirectory(prefix="lptfl-certs-") as certs:
         try:
-            tls = make_certificates(Path(certs)) if getattr(args, "tls", False) else None
+            tls = local_security(Path(certs), insecure=getattr(args, "insecure", False))
             summary = run_local(config, args.out, supernodes=args.supernodes, home=getattr(args, "flwr_home", None),
                                 tls=tls, timeout=args.timeout, options=FlowerOptions(round_timeout=args.round_timeout))
         except FlowerRunError as err:
+            _forget_unstarted(args.out / CONFIG)
             print(f"lptfl: flower run failed: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
+            _forget_unstarted(args.out / CONFIG)
             print("lptfl: interrupted; the local federation was stopped", file=sys.stderr)
             return 130
     from lptfl.experiment.results import CURVES
     from lptfl.report import plot_curves
 
     plot_curves([args.out], args.out / CURVES)
-    print(
-        f"final accuracy {_final_accuracy(summary)}; uplink {summary['bytes_up_total']} B, "
-        f"downlink {summary['bytes_down_total']} B; "
-        f"{summary['wall_time_s']:.1f} s; results in {args.out} (Flower, {args.supernodes} SuperNodes)"
-    )
+    print(f"final accuracy {_final_accuracy(summary)}; {_totals(summary, started)}; results in {args.out} "
+          f"(Flower, {args.supernodes} SuperNodes)")
     return 0
+
+
+def _forget_unstarted(config_path: Path) -> None:
+    """Remove a failed run's ``config.json`` when it recorded no round, so the next command can start."""
+    if not (config_path.parent / "metrics.jsonl").exists():
+        config_path.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import statistics
@@ -60,6 +62,50 @@ def table(run_dirs: Sequence[Path]) -> str:
     """A Markdown table: one row per run, test accuracy (%) as mean +- std over the last 5 evaluated
     rounds, and both named scores' means."""
     return rows_table([describe(d) for d in run_dirs])
+
+
+REPORT_FORMATS = ("markdown", "csv", "json")
+# the columns of the csv format: a describe() row's keys, the curve left out
+_CSV_COLUMNS = ("run", "dataset", "alpha", "averaging", "precision", "rounds", "mean", "std", "scored_with",
+                *(f"mean_{name}" for name in ACTIVATIONS), "bytes_up_per_round")
+
+
+def report(run_dirs: Sequence[Path], fmt: str = "markdown") -> str:
+    """The runs' rows (:func:`describe`) as a Markdown table, CSV (accuracies in %, one row per run)
+    or JSON (a list of the rows, each with its accuracy curve; NaN as null).
+
+    Raises:
+        ValueError: ``fmt`` is not one of :data:`REPORT_FORMATS`.
+    """
+    if fmt not in REPORT_FORMATS:
+        raise ValueError(f"report format {fmt!r}: expected one of {', '.join(REPORT_FORMATS)}")
+    rows = [describe(d) for d in run_dirs]
+    if fmt == "csv":
+        return rows_csv(rows)
+    if fmt == "json":
+        return json.dumps([_json_safe(row) for row in rows], indent=2) + "\n"
+    return rows_table(rows)
+
+
+def rows_csv(rows: Sequence[dict]) -> str:
+    """:func:`describe` rows as CSV with a header line (:data:`_CSV_COLUMNS`; NaN and None empty)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(_CSV_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if _json_safe(row[c]) is None else row[c] for c in _CSV_COLUMNS])
+    return buffer.getvalue()
+
+
+def _json_safe(value: object) -> object:
+    """``value`` with every NaN (a round not evaluated, a run without one) replaced by None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def rows_table(rows: Sequence[dict]) -> str:
@@ -166,26 +212,37 @@ def window_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tu
     return lines
 
 
+MARKED_ROUNDS = 50  # a curve of at most this many evaluated rounds marks each (one round is a dot, not nothing)
+
+
 def plot_curves(run_dirs: Sequence[Path], path: Path) -> None:
     """Test accuracy and test loss by evaluated round (``test_accuracy``, ``test_loss``), every run on
-    the same two panels, saved as PNG."""
+    the same two panels, saved as PNG; round ticks are integers, and a short curve marks its rounds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    last_round = 1
     for run_dir in run_dirs:
         rounds = [r for r in read_metrics(Path(run_dir)) if r.get("test_accuracy") is not None]
         if not rounds:
             continue
         x = [r["round"] for r in rounds]
-        acc_ax.plot(x, [100 * r["test_accuracy"] for r in rounds], label=run_label(run_dir))
-        loss_ax.plot(x, [r["test_loss"] for r in rounds], label=run_label(run_dir))
+        last_round = max(last_round, x[-1])
+        style = {"label": run_label(run_dir), "marker": "o" if len(x) <= MARKED_ROUNDS else None, "markersize": 4}
+        acc_ax.plot(x, [100 * r["test_accuracy"] for r in rounds], **style)
+        loss_ax.plot(x, [r["test_loss"] for r in rounds], **style)
     acc_ax.set(xlabel="round", ylabel="test accuracy (%)", title="Test accuracy")
     loss_ax.set(xlabel="round", ylabel="test loss (nats)", title="Test loss")
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # rounds are whole numbers
+        left, right = ax.get_xlim()  # at least half a round either side: one round spans no fraction
+        ax.set_xlim(min(left, 0.5), max(right, last_round + 0.5))
     if acc_ax.lines:  # none while no round is evaluated yet
         acc_ax.legend(fontsize=8)
     fig.tight_layout()

@@ -137,7 +137,12 @@ class OfficialFiles:
 
 
 @pytest.fixture
-def official() -> OfficialFiles:
+def official(monkeypatch: pytest.MonkeyPatch) -> OfficialFiles:
+    """Writers of tiny files in the official formats. They are not the official release, so the
+    published md5s are withheld (SOURCES emptied; a test registers the files it serves)."""
+    from lptfl.data import download
+
+    monkeypatch.setattr(download, "SOURCES", {})
     return OfficialFiles()
 
 

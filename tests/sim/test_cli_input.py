@@ -63,14 +63,17 @@ def paused_run(tmp_path):
     return run_dir
 
 
-def rewrite_checkpoint_metadata(run_dir: Path, change) -> None:
-    """Apply ``change`` to the lptfl metadata in the checkpoint's safetensors header."""
+def rewrite_checkpoint_metadata(run_dir: Path, change, *, reseal: bool = True) -> None:
+    """Apply ``change`` to the lptfl metadata in the checkpoint's safetensors header; with ``reseal``,
+    recompute its checksum (a writer's bug, not corruption: the range checks must catch it)."""
     path = run_dir / ckpt.CHECKPOINT
     data = path.read_bytes()
     size = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + size])
     meta = json.loads(header["__metadata__"]["lptfl"])
     change(meta)
+    if reseal:
+        meta["checksum"] = ckpt.metadata_checksum(meta)
     header["__metadata__"]["lptfl"] = json.dumps(meta)
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)

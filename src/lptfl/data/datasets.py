@@ -15,7 +15,7 @@ import torch
 from .cifar import load_cifar
 from .cinic import load_cinic
 from .digits import load_digits_28
-from .download import download_dataset
+from .download import download_dataset, verify_published
 from .errors import MissingFilesError
 from .mnist import load_mnist_release
 
@@ -124,11 +124,14 @@ def _unit_range(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def _load_raw(key: str, root: Path, download: bool, mirror: str | None) -> RawSplits:
-    """Images in [0, 1] as float32 (N, C, H, W) and int64 labels, downloading on request."""
+def _load_raw(key: str, root: Path, download: bool, mirror: str | None, verify: bool) -> RawSplits:
+    """Images in [0, 1] as float32 (N, C, H, W) and int64 labels, downloading on request, the files
+    with a published md5 checked first (``verify``)."""
     if key == "digits":
         return load_digits_28()
     loader = _FILE_LOADERS[key]
+    if verify:
+        verify_published(key, root)
     try:
         train_x, train_y, test_x, test_y = loader(root)
     except MissingFilesError as exc:
@@ -146,6 +149,7 @@ def load_dataset(
     *,
     download: bool = False,
     mirror: str | None = None,
+    verify: bool = True,
 ) -> Dataset:
     """Load dataset ``name`` from ``data_dir`` into normalised tensors.
 
@@ -154,13 +158,15 @@ def load_dataset(
     Layouts: ``MNIST/raw``, ``FashionMNIST/raw`` (IDX, raw or .gz), ``cifar-10-batches-bin`` or
     ``cifar-10-batches-py``, ``cifar-100-binary`` or ``cifar-100-python``, ``CINIC-10/{train,test}``.
     ``download``: fetch missing files from the official location (or ``mirror`` / env
-    ``LPTFL_DATA_MIRROR``) with md5 verification. Raises ValueError for an unknown name,
-    MissingFilesError (a DatasetError) for missing files, DatasetError for corrupt ones.
+    ``LPTFL_DATA_MIRROR``) with md5 verification. ``verify``: check the files present that have a
+    published md5 (once per process per file version, :func:`verify_published`) before loading.
+    Raises ValueError for an unknown name, MissingFilesError (a DatasetError) for missing files,
+    DatasetError for corrupt ones (an md5 mismatch included).
     """
     key = canonical_name(name)
     root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     start = time.perf_counter()
-    train_x, train_y, test_x, test_y = _load_raw(key, root, download, mirror)
+    train_x, train_y, test_x, test_y = _load_raw(key, root, download, mirror, verify)
     mean, std = NORMALISATION[key]
     dataset = Dataset(
         name=key,

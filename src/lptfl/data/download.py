@@ -107,6 +107,40 @@ def download_dataset(name: str, data_dir: str | Path, *, mirror: str | None = No
             extract_tar(path, root / resource.extract_to)
 
 
+# md5 of a file as found by verify_published: (resolved path, size, mtime in ns) -> hex md5. A file
+# is hashed once per process unless it changes.
+_MD5_SEEN: dict[tuple[str, int, int], str] = {}
+
+
+def verify_published(name: str, data_dir: str | Path) -> None:
+    """Check every file of dataset ``name``'s official release present under ``data_dir`` against
+    its published md5 (:data:`SOURCES`); a file is hashed once per process while its size and
+    modification time stay the same. Files a release does not publish an md5 for (those unpacked
+    from an archive, an uncompressed IDX file) are not checked.
+
+    Raises:
+        DatasetError: a file's md5 differs, naming the file and both digests.
+    """
+    source = SOURCES.get(name)
+    for resource in source.resources if source is not None else ():
+        path = Path(data_dir) / resource.subdir / resource.filename
+        if path.is_file():
+            _check_md5(path, resource.md5)
+
+
+def _check_md5(path: Path, expected: str) -> None:
+    """Compare ``path``'s md5 (cached per path, size and mtime) with ``expected``."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _MD5_SEEN:
+        _MD5_SEEN[key] = file_md5(path)
+    if _MD5_SEEN[key] != expected:
+        raise DatasetError(
+            f"{path}: md5 {_MD5_SEEN[key]}, expected the published {expected}; the file is damaged or not the "
+            "official release: delete it and download it again (--download), or pass --no_verify to load it anyway"
+        )
+
+
 def file_md5(path: Path) -> str:
     """Hex md5 of the file at ``path``."""
     digest = hashlib.md5(usedforsecurity=False)

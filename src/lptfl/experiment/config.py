@@ -205,6 +205,7 @@ class RunConfig:
     dataset: str = "digits"
     data_path: str = "./data"
     download: bool = False
+    no_verify: bool = setting(False)
     alpha: float = setting(0.5, within="(0, inf)")
     partition: str = setting("dirichlet", choices=PARTITIONS)
     model_name: str = "ConvNet"
@@ -356,7 +357,7 @@ class RunConfig:
     def fingerprint(self) -> str:
         """A hash of every setting that changes results (not of device, compile or paths; not of
         ``c_rounds`` under a constant learning rate, so a finished run can be extended)."""
-        ignored = {"device", "compile", "compile_mode", "data_path", "download", "client_state", "checkpoint_every",
+        ignored = {"device", "compile", "compile_mode", "data_path", "download", "no_verify", "client_state", "checkpoint_every",
                    "eval_every", "cohort", "cohort_size"}
         if self.lr_schedule == "none":
             ignored.add("c_rounds")

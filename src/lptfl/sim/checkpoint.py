@@ -16,8 +16,11 @@ A run directory holds, next to its results:
   and the header's ``__metadata__["lptfl"]`` is a JSON object: format name and version, the
   round, the config fingerprint, the number of ``metrics.jsonl`` lines written up to that
   round, the simulated wall time, the client-state mode, the optimizer-state names, the
-  clients with a stored state, for the disk store the snapshot directory, and the numerics record
-  (:func:`lptfl.experiment.results.numerics`: torch version, device, processor, threads).
+  clients with a stored state, for the disk store the snapshot directory, the numerics record
+  (:func:`lptfl.experiment.results.numerics`: torch version, device, processor, threads), a
+  SHA-256 digest of every tensor (its dtype, shape and bytes) under ``tensors``, and under
+  ``checksum`` the SHA-256 of all the other metadata (digests included). Loading verifies both and
+  range-checks the metadata, so a corrupted file is refused naming the tensor or the entry.
 - ``checkpoint-client_state-<round>-<tag>/``: for ``--client_state disk`` only, hard links to
   the per-client files as they were at the checkpoint (the store replaces files by rename, so a
   link keeps the old contents while the live store moves on).
@@ -31,8 +34,11 @@ count); the runner warns when it is not.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -54,7 +60,9 @@ CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
 SNAPSHOT_PREFIX = "checkpoint-client_state-"
 FORMAT = "lptfl-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: tensor digests and a metadata checksum
+_SNAPSHOT_NAME = re.compile(re.escape(SNAPSHOT_PREFIX) + r"\d{6}-[0-9a-f]{8}")
+_CLIENT_MODES = ("none", "memory", "disk")
 
 
 class CheckpointError(ValueError):
@@ -144,7 +152,7 @@ def resume_config(run_dir: Path, overrides: dict | None = None) -> RunConfig:
             f"refusing to resume {run_dir}: the given settings change the experiment "
             f"({'; '.join(changed) or 'fingerprint differs'}); resume with the run's own settings "
             "(only --compile, --compile_mode, --cohort, --cohort_size, --device, --checkpoint_every, --eval_every, "
-            "--data_path, --download, --client_state may differ, "
+            "--data_path, --download, --no_verify, --client_state may differ, "
             "and --c_rounds under a constant learning rate) "
             "or start a new run with another --out"
         )
@@ -221,7 +229,7 @@ def save_checkpoint(out_dir: Path, sim: "Simulation", *, metrics_lines: int) -> 
             tensors[f"client.{client}.steps"] = torch.from_numpy(np.ascontiguousarray(steps, np.float64)).clone()
         if store.directory is not None:
             snapshot = _snapshot_disk_store(out_dir, store.directory, server.round)
-    meta = {
+    meta: dict = {
         "format": FORMAT,
         "version": VERSION,
         "round": server.round,
@@ -234,13 +242,28 @@ def save_checkpoint(out_dir: Path, sim: "Simulation", *, metrics_lines: int) -> 
         "clients": clients,
         "snapshot": snapshot,
         "numerics": numerics(_model_device(server.global_state)),
+        "tensors": {name: tensor_digest(value) for name, value in tensors.items()},
     }
+    meta["checksum"] = metadata_checksum(meta)
     path = out_dir / CHECKPOINT
     atomic_write(path, save_tensors(tensors, metadata={"lptfl": json.dumps(meta)}))
     for old in out_dir.glob(f"{SNAPSHOT_PREFIX}*"):  # snapshots no checkpoint refers to any more
         if old.name != snapshot:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 (hex) of a contiguous CPU tensor's dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{tensor.dtype} {tuple(tensor.shape)}".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def metadata_checksum(meta: dict) -> str:
+    """SHA-256 (hex) of a checkpoint's metadata without its ``checksum`` entry (keys sorted)."""
+    rest = {key: value for key, value in meta.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def _header_metadata(data: bytes) -> dict:
@@ -259,27 +282,92 @@ def _header_metadata(data: bytes) -> dict:
     return meta
 
 
+def _check_format(path: Path, meta: dict) -> None:
+    """Refuse a checkpoint of another format or version, naming one that predates checksums."""
+    if meta.get("format") == FORMAT and meta.get("version") == 1:
+        raise CheckpointError(f"{path} predates checkpoint checksums (format v1, this lptfl reads v{VERSION}) and "
+                              "cannot be verified; start the run again with --overwrite, or resume it with the "
+                              "lptfl that wrote it")
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} "
+                              f"v{meta.get('version')}; expected {FORMAT!r} v{VERSION}")
+
+
+def _verify(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Check the metadata's checksum and every tensor's digest; a mismatch names the entry or tensor."""
+    advice = "restore the file from a copy, or start the run again with --overwrite"
+    if meta.get("checksum") != metadata_checksum(meta):
+        raise CheckpointError(f"{path}: its metadata fails its checksum (the file is corrupted); {advice}")
+    digests = meta.get("tensors")
+    if not isinstance(digests, dict) or set(digests) != set(tensors):
+        listed = set(digests) if isinstance(digests, dict) else set()
+        raise CheckpointError(f"{path}: tensors {sorted(listed ^ set(tensors))[:5]} are not those its metadata "
+                              f"lists (the file is corrupted); {advice}")
+    for name in sorted(tensors):
+        if tensor_digest(tensors[name]) != digests[name]:
+            raise CheckpointError(f"{path}: tensor {name!r} fails its checksum (the file is corrupted); {advice}")
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The checkpoint of ``run_dir``, or None if it has none."""
+    """The checkpoint of ``run_dir``, or None if it has none.
+
+    Raises:
+        CheckpointError: the file is damaged (a tensor or the metadata fails its checksum, an
+            entry is missing or out of range), predates checksums, or is of another format.
+    """
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         return None
     data = path.read_bytes()
     try:
         meta = _header_metadata(data)
+        _check_format(path, meta)
         tensors = load_tensors(data)
     except CheckpointError:
         raise
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{path} is damaged: {err}") from err
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} v{meta.get('version')}")
+    _verify(path, meta, tensors)
     try:
         return _checkpoint(meta, tensors)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         problem = f"no {err} entry" if isinstance(err, KeyError) else str(err)
         raise CheckpointError(f"{path}: its metadata is damaged ({problem}); restore the file from a copy, or "
                               "start the run again with --overwrite") from None
+
+
+def _entry(meta: dict, key: str, kind: type, *, minimum: float | None = None) -> object:
+    """``meta[key]``, which must be of type ``kind`` (an int for a float; never a bool), finite and at
+    least ``minimum``.
+
+    Raises:
+        KeyError: the entry is missing.
+        ValueError: it has another type, or is out of range.
+    """
+    value = meta[key]
+    kinds = (int, float) if kind is float else (kind,)
+    valid = isinstance(value, kinds) and not isinstance(value, bool)
+    if valid and kind is float:
+        valid = math.isfinite(value)
+    if not valid or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{key} is {value!r}, expected a {kind.__name__}{bound}")
+    return value
+
+
+def _client_entries(meta: dict) -> tuple[str, list[int], str | None]:
+    """The client-state mode, the clients with a state and the snapshot name of ``meta``, checked
+    (the snapshot must be a folder name of the run folder: no path)."""
+    mode, clients, snapshot = meta["client_mode"], meta["clients"], meta["snapshot"]
+    if mode not in _CLIENT_MODES:
+        raise ValueError(f"client_mode is {mode!r}, expected one of {', '.join(_CLIENT_MODES)}")
+    if not isinstance(clients, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                                for c in clients):
+        raise ValueError(f"clients is {str(clients)[:40]}, expected a list of client indices")
+    if snapshot is not None and not (isinstance(snapshot, str) and _SNAPSHOT_NAME.fullmatch(snapshot)):
+        raise ValueError(f"snapshot is {str(snapshot)[:60]!r}, expected a folder {SNAPSHOT_PREFIX}<round>-<tag> of "
+                         "the run folder")
+    return mode, clients, snapshot
 
 
 def _checkpoint(meta: dict, tensors: dict[str, torch.Tensor]) -> Checkpoint:
@@ -301,21 +389,81 @@ def _checkpoint(meta: dict, tensors: dict[str, torch.Tensor]) -> Checkpoint:
             else:
                 steps = value.numpy()
             memory[int(client)] = (flat, steps)
+    mode, clients, snapshot = _client_entries(meta)
     return Checkpoint(
-        round=int(meta["round"]),
-        metrics_lines=int(meta["metrics_lines"]),
-        fingerprint=str(meta["fingerprint"]),
-        wall_time_s=float(meta["wall_time_s"]),
+        round=_entry(meta, "round", int, minimum=0),
+        metrics_lines=_entry(meta, "metrics_lines", int, minimum=0),
+        fingerprint=_entry(meta, "fingerprint", str),
+        wall_time_s=float(_entry(meta, "wall_time_s", float, minimum=0)),
         global_state=global_state,
         average_state=average if meta["has_average"] else None,
-        client_mode=str(meta["client_mode"]),
+        client_mode=mode,
         client_names=meta["client_names"],
-        clients=[int(c) for c in meta["clients"]],
+        clients=clients,
         client_memory=memory,
-        snapshot=meta.get("snapshot"),
+        snapshot=snapshot,
         algorithm_state=algorithm,
         numerics=dict(meta.get("numerics") or {}),
     )
+
+
+def check_resumable(run_dir: Path, checkpoint: Checkpoint, config: RunConfig,
+                    metrics_name: str = "metrics.jsonl") -> None:
+    """Check ``checkpoint`` against the run folder before a resume changes anything there.
+
+    The ``metrics.jsonl`` lines it counts must be complete JSON lines, the last of them its round;
+    its client-state snapshot a folder inside the run folder (present when clients have a state
+    on disk); an explicit ``config.client_state`` the mode it recorded.
+
+    Raises:
+        CheckpointError: naming the file and what does not match, with what to do.
+    """
+    run_dir = Path(run_dir)
+    rounds = _kept_rounds(run_dir / metrics_name, checkpoint.metrics_lines)
+    last = rounds[-1].get("round") if rounds else 0
+    if last != checkpoint.round:
+        raise CheckpointError(f"{run_dir / CHECKPOINT} records round {checkpoint.round} but the {len(rounds)} lines "
+                              f"of {metrics_name} it counts end with round {last}; restore the files from a copy, "
+                              "or start the run again with --overwrite")
+    if checkpoint.snapshot is not None:
+        folder = run_dir / checkpoint.snapshot
+        if folder.is_symlink() or not folder.resolve().is_relative_to(run_dir.resolve()):
+            raise CheckpointError(f"{run_dir / CHECKPOINT}: its client-state snapshot {folder} lies outside the "
+                                  "run folder; restore the files from a copy, or start the run again with --overwrite")
+    if checkpoint.client_mode == "disk" and checkpoint.clients and (
+            checkpoint.snapshot is None or not (run_dir / checkpoint.snapshot).is_dir()):
+        raise CheckpointError(f"the checkpoint's client-state snapshot {run_dir / str(checkpoint.snapshot)} is "
+                              "missing; restore it from a copy, or start the run again with --overwrite")
+    if config.client_state in _CLIENT_MODES and config.client_state != checkpoint.client_mode and checkpoint.clients:
+        raise CheckpointError(f"the checkpoint kept client optimizer state in {checkpoint.client_mode!r} mode but "
+                              f"this run uses {config.client_state!r}; resume with --client_state "
+                              f"{checkpoint.client_mode}")
+
+
+def _kept_rounds(path: Path, lines: int) -> list[dict]:
+    """The first ``lines`` lines of ``path`` (a run's ``metrics.jsonl``), each a JSON object.
+
+    Raises:
+        CheckpointError: the file has fewer complete lines, or one of them is no JSON object
+            (damage that resuming cannot repair, since the checkpoint counts that round).
+    """
+    data = path.read_bytes() if path.exists() else b""
+    kept = data.split(b"\n")[:-1][:lines]  # the complete lines, up to the checkpoint's count
+    if len(kept) < lines:
+        state = "missing" if not path.exists() else f"{len(kept)} complete lines"
+        raise CheckpointError(f"{path} has {state}; the checkpoint counts {lines}; restore it from a copy, or start "
+                              "the run again with --overwrite")
+    rounds = []
+    for number, line in enumerate(kept, start=1):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path} line {number} is damaged and the checkpoint counts it, so resuming cannot "
+                                  "repair it; restore the file from a copy, or start the run again with --overwrite")
+        rounds.append(value)
+    return rounds
 
 
 def _check_state(label: str, loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

@@ -63,7 +63,8 @@ class Simulation:
         config.validate()
         self.config = config
         self.device = torch.device(config.device)
-        self.data = load_dataset(config.dataset, config.data_path, download=config.download)
+        self.data = load_dataset(config.dataset, config.data_path, download=config.download,
+                                 verify=not config.no_verify)
         labels = self.data.train_y.numpy()
         self.parts, val = split_clients(config, labels)  # no client trains on ABAvg's validation data
         self.val_x, self.val_y = validation_data(config, self.data, val)

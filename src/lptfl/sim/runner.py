@@ -28,6 +28,7 @@ from lptfl.sim.checkpoint import (
     CHECKPOINT,
     CONFIG,
     CheckpointError,
+    check_resumable,
     load_checkpoint,
     refuse_restart_without_checkpoint,
     remove_checkpoints,
@@ -159,6 +160,8 @@ def run_experiment(
                 raise CheckpointError(f"cannot resume {out_dir}: its checkpoint belongs to other settings "
                                       f"(fingerprint {checkpoint.fingerprint}, these settings' is "
                                       f"{config.fingerprint()})")
+            else:
+                check_resumable(out_dir, checkpoint, config, METRICS)
             started = nullcontext()
         else:
             created = _missing_parent(out_dir)
