@@ -28,7 +28,15 @@ from pathlib import Path
 
 from lptfl.experiment.results import LAST_ROUNDS
 from lptfl.grid import GridRun, archive, run_grid
-from lptfl.report import describe, margin_verdicts, plot_curves, rows_table, window_verdicts
+from lptfl.report import (
+    describe,
+    margin_verdicts,
+    paired_differences,
+    plot_curves,
+    rows_table,
+    seed_rows,
+    window_verdicts,
+)
 
 log = logging.getLogger("reproduce")
 
@@ -117,8 +125,40 @@ def write_table(out: Path, run_dirs: list[Path], alpha: float, rounds: int = PAP
         + (f"ConvNet width {width}, not the paper's 128: these runs are compared with each other, not with the "
            "paper.\n\n" if width else "")
         + "\n".join(lines) + "\n" + ("" if width else claim_section(rows, rounds))
+        + seeds_section(rows, alpha, rounds, width)
         + "\n## Details\n\n" + rows_table(list(rows.values()))
     )
+
+
+def seeds_section(rows: dict[str, dict], alpha: float, rounds: int, width: int) -> str:
+    """Over seeds (where a configuration ran more than one): mean +- sd over seeds of each run's
+    last-5-round mean, both scores, and the claim on paired differences ("" when every
+    configuration has one seed)."""
+    groups = seed_rows(rows)
+    if all(len(g["seeds"]) < 2 for g in groups.values()):
+        return ""
+
+    def cell(group: dict, key: str) -> str:
+        return "-" if group[key] is None else f"{group[key]:.1f} +- {group[f'{key}_sd']:.1f}"
+
+    lines = ["| config | seeds | rounds | test_accuracy (%) | fp32 act. (%) | policy act. (%) | paper (%) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for config, group in groups.items():
+        paper = None if width else PAPER.get(alpha, {}).get(PAPER_ROW.get(config, config))
+        lines.append(f"| {config} | {','.join(map(str, group['seeds']))} | {group['rounds']} | {cell(group, 'mean')} "
+                     f"| {cell(group, 'mean_fp32_act')} | {cell(group, 'mean_policy_act')} "
+                     f"| {'-' if paper is None else f'{paper[0]:.1f} +- {paper[1]:.1f}'} |")
+    claim = []
+    for subject in CLAIM_SUBJECTS:
+        verdicts = paired_differences(groups, subject, CLAIM_MARGINS)
+        if verdicts:
+            names = [subject, *(o for o, _ in CLAIM_MARGINS if o in groups)]
+            status = "final" if all(groups[n]["rounds"] >= rounds for n in names) else "provisional"
+            claim.append(f"\nThe claim on paired seeds ({status}; each seed shares its partition and client "
+                         f"sampling across configurations):\n\n" + "\n".join(verdicts) + "\n")
+    return ("\n## Over seeds\n\nMean +- sd over seeds of each run's mean of its last 5 rounds (the paper's "
+            "+- is over repeated runs). test_accuracy follows each run's --eval_precision (the published "
+            "code's protocol unless the run says otherwise).\n\n" + "\n".join(lines) + "\n" + "".join(claim))
 
 
 def main() -> None:

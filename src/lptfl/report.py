@@ -215,6 +215,68 @@ def window_verdicts(rows: Mapping[str, dict], subject: str, margins: Sequence[tu
 MARKED_ROUNDS = 50  # a curve of at most this many evaluated rounds marks each (one round is a dot, not nothing)
 
 
+def seed_of(name: str) -> tuple[str, int]:
+    """``(config, seed)`` of a run folder named ``<config>`` (seed 0) or ``<config>-s<seed>``."""
+    config, sep, seed = name.rpartition("-s")
+    if sep and seed.isdigit():
+        return config, int(seed)
+    return name, 0
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of ``values``."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def seed_rows(rows: Mapping[str, dict]) -> dict[str, dict]:
+    """Runs (:func:`describe` rows keyed by folder name) grouped by configuration over their seeds.
+
+    Each group: ``seeds`` (sorted), ``rounds`` (the fewest any seed has), and for ``mean`` (the run's
+    ``test_accuracy`` protocol), ``mean_fp32_act`` and ``mean_policy_act``: the mean and the sample sd
+    over seeds of each run's last-5-round mean (%), as ``<key>`` and ``<key>_sd`` (None where a seed
+    lacks that score), the paper's way of reporting repeated runs.
+    """
+    groups: dict[str, dict[int, dict]] = {}
+    for name, row in rows.items():
+        config, seed = seed_of(name)
+        groups.setdefault(config, {})[seed] = row
+    out = {}
+    for config, by_seed in groups.items():
+        entry: dict = {"seeds": sorted(by_seed), "rounds": min(r["rounds"] for r in by_seed.values()),
+                       "by_seed": by_seed}
+        for key in ("mean", "mean_fp32_act", "mean_policy_act"):
+            values = [r.get(key) for r in by_seed.values()]
+            ok = [v for v in values if v is not None and not math.isnan(v)]
+            entry[key], entry[f"{key}_sd"] = _mean_sd(ok) if len(ok) == len(values) and ok else (None, None)
+        out[config] = entry
+    return out
+
+
+def paired_differences(groups: Mapping[str, dict], subject: str, margins: Sequence[tuple[str, float]]) -> list[str]:
+    """The claim checked on paired seeds: for each ``(other, margin)``, ``subject - other`` per seed both
+    ran (seeds share partition and client sampling across configurations), as mean +- sd over those
+    seeds, and whether the mean difference is at least ``margin`` points. One Markdown line each."""
+    lines = []
+    if subject not in groups:
+        return lines
+    for other, margin in margins:
+        if other not in groups:
+            continue
+        seeds = sorted(set(groups[subject]["by_seed"]) & set(groups[other]["by_seed"]))
+        if not seeds:
+            continue
+        diffs = [groups[subject]["by_seed"][s]["mean"] - groups[other]["by_seed"][s]["mean"] for s in seeds]
+        mean, sd = _mean_sd(diffs)
+        verdict = "holds" if mean >= margin else "does not hold"
+        per_seed = ", ".join(f"s{s} {d:+.1f}" for s, d in zip(seeds, diffs))
+        lines.append(f"- {subject} - {other} >= {margin:+.1f} points: {mean:+.2f} +- {sd:.2f} over "
+                     f"{len(seeds)} seed(s) ({per_seed}): {verdict}")
+    return lines
+
+
 def plot_curves(run_dirs: Sequence[Path], path: Path) -> None:
     """Test accuracy and test loss by evaluated round (``test_accuracy``, ``test_loss``), every run on
     the same two panels, saved as PNG; round ticks are integers, and a short curve marks its rounds."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lptfl.report import margin_verdicts, window_verdicts
+from lptfl.report import margin_verdicts, paired_differences, seed_of, seed_rows, window_verdicts
 
 MARGINS = (("fp32-noavg", -1.0), ("q8-noavg", 3.0))
 
@@ -54,3 +54,33 @@ def test_window_verdicts_leave_out_pairs_too_short_or_missing():
     assert window_verdicts(short, "q8-noavg", MARGINS, first_end=7) == []
     with pytest.raises(ValueError, match="first_end=3"):
         window_verdicts(short, "q8-avg", MARGINS, first_end=3)
+
+
+def seeded(**means: dict[int, float]) -> dict[str, dict]:
+    """describe()-like rows for runs ``<config>`` (seed 0) and ``<config>-s<seed>``."""
+    out = {}
+    for name, by_seed in means.items():
+        config = name.replace("_", "-")
+        for seed, mean in by_seed.items():
+            out[config if seed == 0 else f"{config}-s{seed}"] = {
+                "mean": mean, "mean_fp32_act": mean + 1, "mean_policy_act": mean, "rounds": 200}
+    return out
+
+
+def test_seed_rows_give_mean_and_sample_sd_over_seeds():
+    groups = seed_rows(seeded(q8_avg={0: 80.0, 1: 82.0, 2: 84.0}))
+    group = groups["q8-avg"]
+    assert group["seeds"] == [0, 1, 2] and group["rounds"] == 200
+    assert group["mean"] == pytest.approx(82.0) and group["mean_sd"] == pytest.approx(2.0)
+    assert group["mean_fp32_act"] == pytest.approx(83.0)
+    assert seed_of("q8-avg-dlsr-s2") == ("q8-avg-dlsr", 2) and seed_of("q8-avg-dlsr") == ("q8-avg-dlsr", 0)
+
+
+def test_paired_differences_pair_seeds_and_judge_the_mean():
+    # q8-avg is 2 points under fp32-noavg on every seed: a paired sd of 0 however the seeds swing
+    groups = seed_rows(seeded(q8_avg={0: 70.0, 1: 80.0, 2: 90.0}, fp32_noavg={0: 72.0, 1: 82.0, 2: 92.0},
+                              q8_noavg={0: 60.0, 1: 70.0}))
+    lines = paired_differences(groups, "q8-avg", MARGINS)
+    assert lines[0].startswith("- q8-avg - fp32-noavg >= -1.0 points: -2.00 +- 0.00 over 3 seed(s)")
+    assert lines[0].endswith("does not hold")
+    assert "over 2 seed(s) (s0 +10.0, s1 +10.0): holds" in lines[1]
