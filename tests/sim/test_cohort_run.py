@@ -53,3 +53,22 @@ def test_unbatchable_runs_say_why_and_train_one_client_at_a_time(caplog):
     with caplog.at_level(logging.INFO, logger="lptfl.sim.engine"):
         assert Simulation(RunConfig(c_rounds=1, **FAST)).cohort is None  # auto: not on a CPU
     assert "one at a time (--cohort auto on cpu)" in caplog.text
+
+
+def test_compile_auto_compiles_where_it_pays_off():
+    import torch
+
+    from lptfl.experiment.setup import compile_plan
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    digits = RunConfig(use_quantization=True)  # the README's default job: ~300 steps, 360 test images a round
+    plan = compile_plan(digits, [144] * 10, 360, cpu, full_precision=False)
+    assert (plan.train, plan.eval) == (False, False) and "~300 local steps" in plan.reason
+    paper = RunConfig(use_quantization=True, num_clients=80, frac=0.4, c_rounds=200)
+    assert compile_plan(paper, [750] * 80, 10_000, cpu, full_precision=False).parts == (True, True)
+    two_rounds = RunConfig(use_quantization=True, num_clients=80, frac=0.4, c_rounds=2)
+    assert compile_plan(two_rounds, [750] * 80, 10_000, cpu, full_precision=False).parts == (True, True)
+    assert compile_plan(digits, [144] * 10, 360, cuda, full_precision=False).parts == (True, True)
+    assert compile_plan(paper, [750] * 80, 10_000, cpu, full_precision=True).parts == (False, False)
+    forced = RunConfig(use_quantization=True, compile="on")
+    assert compile_plan(forced, [144] * 10, 360, cpu, full_precision=False).parts == (True, True)

@@ -9,7 +9,10 @@ state-dict keys and results, bit for bit, with less saved for backward:
 - :class:`MaskReLU`: saves which outputs are positive (1 byte a value), all its backward reads;
 - :class:`ShapeAvgPool2d`: saves nothing; its backward needs only the input's shape.
 
-Under ``torch.func.vmap`` (a batched cohort) they compute as their base classes.
+Under ``torch.func.vmap`` (a batched cohort) and under ``torch.compile`` they compute as their base
+classes: compiled, inductor's partitioner chooses what the fused graph saves, and the custom
+functions cut the fusion (a compiled 8-bit ConvNet step took 91 ms with them against 55 ms without
+on the 2-core CPU).
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class GridGroupNorm(nn.GroupNorm):
     """A GroupNorm fed by a <= 8-bit quantizer: saves its input in bfloat16 (exact)."""
 
     def forward(self, input):
-        if is_batchedtensor(input) or input.dim() < 2:
+        if _plain(input) or input.dim() < 2:
             return super().forward(input)
         return _GridGroupNormFn.apply(input, self.weight, self.bias, self.num_groups, self.eps)
 
@@ -89,7 +92,7 @@ class MaskReLU(nn.ReLU):
     """A ReLU that saves a one-byte mask of its positive outputs for backward."""
 
     def forward(self, input):
-        if is_batchedtensor(input) or self.inplace:
+        if _plain(input) or self.inplace:
             return super().forward(input)
         return _MaskReLUFn.apply(input)
 
@@ -98,11 +101,16 @@ class ShapeAvgPool2d(nn.AvgPool2d):
     """An AvgPool2d that saves nothing for backward."""
 
     def forward(self, input):
-        if is_batchedtensor(input):
+        if _plain(input):
             return super().forward(input)
         stride = self.stride if self.stride is not None else self.kernel_size
         return _ShapeAvgPool2dFn.apply(input, _pair(self.kernel_size), _pair(stride), _pair(self.padding),
                                        self.ceil_mode, self.count_include_pad, self.divisor_override)
+
+
+def _plain(input: torch.Tensor) -> bool:
+    """Whether to compute as the base class: under vmap or torch.compile (see the module docstring)."""
+    return is_batchedtensor(input) or torch.compiler.is_compiling()
 
 
 def _pair(value) -> tuple[int, int]:

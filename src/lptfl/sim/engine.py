@@ -24,6 +24,7 @@ from lptfl.experiment.results import RoundMetrics
 from lptfl.experiment.setup import (
     build_run_model,
     client_fails,
+    compile_plan,
     derive_seed,
     learning_rate,
     sample_clients,
@@ -72,16 +73,19 @@ class Simulation:
         self.client_x = [self.data.train_x[torch.from_numpy(p)] for p in self.parts]
         self.client_y = [self.data.train_y[torch.from_numpy(p)] for p in self.parts]
         self.policy = config.policy()
-        compile_on = config.compile == "on" or (config.compile == "auto" and not self.policy.is_full_precision)
+        plan = compile_plan(config, [len(p) for p in self.parts], len(self.data.test_y), self.device,
+                            self.policy.is_full_precision)
+        log.info("torch.compile: training step %s, evaluation %s (%s)", "on" if plan.train else "off",
+                 "on" if plan.eval else "off", plan.reason)
         model = build_run_model(config, self.data)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         self.full_precision = full_precision_names(model)
         example = self.data.train_x[: config.batch_size]
         self.trainer = LocalTrainer(
             model, self.policy, optimizer=config.optimizer, lr=config.lr,
-            example_input=example, compile=compile_on, compile_mode=config.compile_mode, device=self.device,
+            example_input=example, compile=plan.train, compile_mode=config.compile_mode, device=self.device,
         )
-        self.scorer = ServedModelScorer(config, self.data, self.device, compile=compile_on, verify=EVAL_TOLERANCE)
+        self.scorer = ServedModelScorer(config, self.data, self.device, compile=plan.eval, verify=EVAL_TOLERANCE)
         # the model that scores test_accuracy also serves ABAvg's scorer and FedBN's vote
         self.eval_model, self.eval_forward = self.scorer.model, self.scorer.forward
         self.server = Server(
