@@ -112,6 +112,9 @@ _HELP = {
                   "the other rounds' test metrics are null",
     "device": "cpu or cuda",
     "compress": "zstd on the payloads (lossless)",
+    "log": "also send each round's metrics, the config and the curves to an experiment tracker: tensorboard "
+           "(event files in OUT/tensorboard; pip install 'lptfl[tensorboard]') or wandb (project lptfl; "
+           "WANDB_MODE=offline keeps it local; pip install 'lptfl[wandb]')",
     "checkpoint_every": "write a crash-safe checkpoint every N rounds (and after the last); 0: none",
     "dropout": "probability that a sampled client fails to reply (reproducible per seed, round, client)",
     "min_clients": "skip a round (models unchanged, metrics skipped: true) with fewer accepted updates",
@@ -138,7 +141,7 @@ _GROUPS: dict[str, tuple[str, ...]] = {
                  "server_beta2", "server_tau", *(f.name for f in fields(RunConfig) if f.name.startswith("fed"))),
     RELIABILITY: ("no_verify", "checkpoint_every", "dropout", "min_clients", "max_update_norm", "robust",
                   "trim_fraction"),
-    OUTPUT: ("eval_every",),
+    OUTPUT: ("eval_every", "log"),
     PERFORMANCE: ("device", "compile", "compile_mode", "cohort", "cohort_size", "client_state", "compress"),
 }
 PUBLISHED_GROUP = "the published entry point's flags without effect here"

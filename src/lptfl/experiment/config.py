@@ -40,6 +40,7 @@ PARTITIONS = ("dirichlet", "dirichlet-plain", "iid")
 LR_SCHEDULES = ("none", "cosine", "step")
 CLIENT_STATES = ("auto", "memory", "disk", "none")
 COMPILE_MODES = ("auto", "on", "off")
+TRACKERS = ("none", "tensorboard", "wandb")  # experiment trackers of lptfl.experiment.tracking
 # train a round's clients as one batched model (lptfl.fl.cohort): auto = on CUDA, where one step
 # is kernel launches; on a CPU the batched convolutions are slower than one client's at a time
 COHORT_MODES = ("auto", "on", "off")
@@ -243,6 +244,7 @@ class RunConfig:
     compute: str = setting("auto", choices=COMPUTE_MODES)
     eval_precision: str = setting("paper", choices=EVAL_PRECISIONS)
     eval_every: int = setting(1, within="[1, inf)")
+    log: str = setting("none", choices=TRACKERS)
     device: str = "cpu"
     compress: bool = False
     checkpoint_every: int = setting(1, within="[0, inf)")
@@ -358,7 +360,7 @@ class RunConfig:
         """A hash of every setting that changes results (not of device, compile or paths; not of
         ``c_rounds`` under a constant learning rate, so a finished run can be extended)."""
         ignored = {"device", "compile", "compile_mode", "data_path", "download", "no_verify", "client_state", "checkpoint_every",
-                   "eval_every", "cohort", "cohort_size"}
+                   "eval_every", "cohort", "cohort_size", "log"}
         if self.lr_schedule == "none":
             ignored.add("c_rounds")
         items = {

@@ -7,12 +7,12 @@ import shutil
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
 from lptfl.experiment.config import RunConfig
-from lptfl.experiment.setup import check_device
 from lptfl.experiment.results import (
     CURVES,
     METRICS,
@@ -24,6 +24,8 @@ from lptfl.experiment.results import (
     summarize,
     write_summary,
 )
+from lptfl.experiment.setup import check_device
+from lptfl.experiment.tracking import check_tracker, open_tracker
 from lptfl.sim.checkpoint import (
     CHECKPOINT,
     CONFIG,
@@ -127,6 +129,7 @@ def run_experiment(
 
     config.validate()
     check_device(config.device)
+    check_tracker(config.log)
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be a round >= 1, got {stop_after}")
     last_round = config.c_rounds if stop_after is None else min(stop_after, config.c_rounds)
@@ -184,11 +187,14 @@ def run_experiment(
                     if (out_dir / name).exists():
                         (out_dir / name).unlink()
             write_config(out_dir, config)  # on resume: the same experiment, perhaps with a larger --c_rounds
+            tracker = open_tracker(config.log, out_dir, config)
             bar = tqdm(total=config.c_rounds, initial=sim.round, desc="rounds", unit="round", disable=not progress)
             while sim.round < last_round and not stop:
                 running["round"] = sim.round + 1  # the server counts a round done before its evaluation
                 metrics = sim.run_round()
                 append_metrics(out_dir, metrics)
+                if tracker is not None:
+                    tracker.log_round(asdict(metrics))
                 lines += 1
                 every = config.checkpoint_every
                 if stop or sim.round == stop_after or (every and (sim.round % every == 0 or sim.round == config.c_rounds)):
@@ -200,6 +206,8 @@ def run_experiment(
         summary = summarize(config, read_metrics(out_dir), wall_time_s=sim.wall_time_s)
         write_summary(out_dir, summary)
         plot_curves([out_dir], out_dir / CURVES)
+        if tracker is not None:
+            tracker.finish(out_dir / CURVES)
     if sim.round < last_round:
         raise RunInterrupted(stop["signum"], sim.round, out_dir)
     return summary
