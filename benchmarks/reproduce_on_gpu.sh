@@ -10,7 +10,8 @@
 # with reproduce_paper.py, on any machine that has RUNS_DIR). At the deadline every run finishes
 # its round, checkpoints and stops. DEST_DIR receives results.tar.gz (metrics, summaries, table,
 # curves; no checkpoints), grid.log, progress.log and cuda_tests.txt (the CUDA test cases).
-# If a compiled run fails, the grid is continued once with --compile off. DEVICE (default cuda)
+# If a run fails, the grid is continued with the clients trained one at a time (--cohort off), then
+# also without torch.compile (--compile off). DEVICE (default cuda)
 # names the device, e.g. DEVICE=cpu to try the script on a small data folder; PYTHON the
 # interpreter (default python3); THREADS the torch CPU threads of each run (default 1: a GPU run's
 # CPU work is the codec, small tensors one at a time, which a pool of threads only slows; with 16
@@ -30,17 +31,18 @@ tests=$!
 (
   while sleep 30; do
     for f in "$runs"/*/metrics.jsonl; do
-      [ -f "$f" ] && "$python" -c 'import json,sys; r=json.loads(open(sys.argv[1]).readlines()[-1]); print(sys.argv[2], sys.argv[1], "round", r["round"], "acc", round(r["test_accuracy"], 4), "round_s", round(r["round_time_s"], 2))' "$f" "$(date +%T)"
+      [ -f "$f" ] && "$python" -c 'import json,sys; r=json.loads(open(sys.argv[1]).readlines()[-1]); print(sys.argv[2], sys.argv[1], "round", r["round"], "acc", r["test_accuracy"], "round_s", round(r["round_time_s"], 2))' "$f" "$(date +%T)"
     done
   done
 ) >>"$dest/progress.log" 2>&1 &
 monitor=$!
 status=1
-for compile in auto off; do
+for variant in auto:auto off:auto off:off; do
+  cohort=${variant%%:*} compile=${variant#*:}
   [ $((deadline - SECONDS)) -gt 60 ] || break
   timeout --foreground -s INT -k 60 $((deadline - SECONDS)) "$python" benchmarks/reproduce_paper.py \
     --data_path "$data" --out "$runs" --configs "$configs" --seeds "$seeds" --device "$device" --parallel "$parallel" \
-    --threads "$threads" --checkpoint_every 10 --compile "$compile" --archive "$dest/results.tar.gz" 2>&1 | tee -a "$dest/grid.log"
+    --threads "$threads" --checkpoint_every 10 --cohort "$cohort" --compile "$compile" --archive "$dest/results.tar.gz" 2>&1 | tee -a "$dest/grid.log"
   status=${PIPESTATUS[0]}
   if [ "$status" -eq 0 ] || [ "$status" -eq 124 ]; then break; fi  # done, or the deadline (runs stopped cleanly)
 done

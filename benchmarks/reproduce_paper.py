@@ -174,6 +174,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                         help="passed to each run (also to resumed ones): torch.compile of the training step")
+    parser.add_argument("--cohort", default="auto", choices=("auto", "on", "off"),
+                        help="passed to each run (also to resumed ones): train a round's clients as one batched model")
     parser.add_argument("--parallel", type=int, default=1,
                         help="runs at once (they share the CPU threads); e.g. 3 to advance the key runs together")
     parser.add_argument("--turn_rounds", type=int, default=0,
@@ -196,7 +198,7 @@ def main() -> None:
             if name not in CONFIGS:
                 raise SystemExit(f"unknown config {name!r}; expected one of {', '.join(CONFIGS)}")
             flags = [*PAPER_SETTING, *CONFIGS[name], "--alpha", str(args.alpha), "--seed", str(seed),
-                     "--data_path", args.data_path, "--device", args.device, "--compile", args.compile,
+                     "--data_path", args.data_path, "--device", args.device, "--compile", args.compile, "--cohort", args.cohort,
                      *(["--model_width", str(args.model_width)] if args.model_width else [])]
             runs.append(GridRun(args.out / (name if seed == 0 else f"{name}-s{seed}"), tuple(flags)))
 
