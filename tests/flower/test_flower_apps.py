@@ -1,10 +1,9 @@
-"""The Flower apps without a federation: config mapping, payload records, the server's round
-driver over an in-process Grid that runs the real ClientApp handler, and bad uplinks."""
+"""The Flower apps without a federation: config mapping, payload records, the ServerApp's
+strategy over an in-process Grid that runs the real ClientApp handlers, and bad replies."""
 
 from __future__ import annotations
 
 import json
-import os
 import tomllib
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from lptfl.codec import PayloadError  # noqa: E402
 from lptfl.experiment.config import RunConfig  # noqa: E402
 from lptfl.experiment.results import read_metrics  # noqa: E402
 from lptfl.flower import client_app  # noqa: E402
+from lptfl.flower.local_state import LOCAL_STATE  # noqa: E402
+from lptfl.flower.optimizer_state import OPTIMIZER_STATE  # noqa: E402
 from lptfl.flower.config import (  # noqa: E402
     FlowerOptions,
     default_app_config,
@@ -36,8 +37,8 @@ from lptfl.flower.config import (  # noqa: E402
     to_flower_config,
 )
 from lptfl.flower.payload import from_record, to_record  # noqa: E402
+from lptfl.flower.partitions import PartitionMap  # noqa: E402
 from lptfl.flower.server_app import FlowerRun  # noqa: E402
-from lptfl.flower.strategy import RoundDriver, RoundOutcome  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,8 +108,8 @@ def test_payload_record_is_bit_exact_and_strict():
 class InProcessGrid(Grid):
     """Delivers each message to the ClientApp handler of a simulated node, in this process.
 
-    ``tamper`` maps a node id to a function ``(message) -> reply`` that replaces its ClientApp
-    (a faulty client).
+    ``tamper`` maps a node id to a function ``(message, context) -> reply`` that replaces its
+    ClientApp's train handler (a faulty client).
     """
 
     def __init__(self, config: RunConfig, nodes: int, tamper=None) -> None:
@@ -140,8 +141,11 @@ class InProcessGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id
             node = msg.metadata.dst_node_id
-            handler = client_app.train if msg.metadata.message_type == "train" else client_app.query
-            reply = self.tamper[node](msg) if node in self.tamper else handler(msg, self.contexts[node])
+            if msg.metadata.message_type == "train":
+                handler = self.tamper.get(node, client_app.train)
+            else:
+                handler = client_app.query
+            reply = handler(msg, self.contexts[node])
             self.sent.append(msg)
             self.pending[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
@@ -150,16 +154,15 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids):
         return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
 
-    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover - not used
+    def send_and_receive(self, messages, *, timeout=None):
         return self.pull_messages(self.push_messages(messages))
 
 
-def garbage_payload(msg: Message) -> Message:
-    content = RecordDict({
-        "payload": to_record(b"\x00garbage" * 50),
-        "metrics": MetricRecord({"num-samples": 10, "train-loss": 1.0, "partition-id": 1}),
-    })
-    return Message(content, reply_to=msg)
+def garbage_payload(msg: Message, context: Context) -> Message:
+    """The real reply with garbage bytes for the update."""
+    reply = client_app.train(msg, context)
+    return Message(RecordDict({"arrays": to_record(b"\x00garbage" * 50),
+                               "metrics": reply.content.metric_records["metrics"]}), reply_to=msg)
 
 
 def test_rounds_in_process_match_metrics_format_and_skip_garbage(tmp_path):
@@ -180,21 +183,36 @@ def test_rounds_in_process_match_metrics_format_and_skip_garbage(tmp_path):
     assert summary["rejected_updates_total"] == 1
     assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 1
     # the optimizer state of each client survived between rounds in its node's Context.state
-    assert all(client_app.OPTIMIZER_STATE in grid.contexts[n].state for n in (100, 102))
+    assert all(OPTIMIZER_STATE in grid.contexts[n].state for n in (100, 102))
+
+
+def test_nodes_with_conflicting_partitions_are_never_sampled(tmp_path, caplog):
+    """A node claiming another node's partition, or another number of partitions than the
+    others, is left out; the rest train as usual."""
+    config = small_config(c_rounds=1)
+    grid = InProcessGrid(config, nodes=4)
+    grid.contexts[102].node_config.update({"partition-id": 0})
+    grid.contexts[103].node_config.update({"partition-id": 3, "num-partitions": 9})
+    FlowerRun(config, FlowerOptions(out_dir=str(tmp_path), min_nodes=4)).run(grid)
+    (r,) = read_metrics(tmp_path)
+    assert r["nodes"] == [100, 101] and r["clients"] == [0, 1] and r["accepted"] == 2
+    assert "node 102 claims partition 0 of node 100" in caplog.text
+    assert "node 103 reports 9 partitions, the others 4" in caplog.text
+    assert "no SuperNode holds partition(s) [2, 3]" in caplog.text
 
 
 def test_too_few_good_replies_keep_the_old_model(tmp_path):
     """With --min_clients 2 and one of two nodes failing, the server skips the round."""
     config = small_config(c_rounds=1, min_clients=2)
 
-    def error_reply(msg):
+    def error_reply(msg, context):
         from flwr.app import Error
 
         return Message(Error(code=2, reason="ClientApp exception"), reply_to=msg)
 
     grid = InProcessGrid(config, nodes=2, tamper={101: error_reply})
     run = FlowerRun(config, FlowerOptions(out_dir=str(tmp_path), min_nodes=2))
-    before = {k: v.clone() for k, v in run.server.served_state().items()}
+    before = {k: v.clone() for k, v in run.initial.to_torch_state_dict().items()}
     run.run(grid)
     (r,) = read_metrics(tmp_path)
     assert r["skipped"] and r["accepted"] == 1 and r["errors"] == 1 and r["failed"] == 1
@@ -203,42 +221,71 @@ def test_too_few_good_replies_keep_the_old_model(tmp_path):
     assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
 
 
-def test_driver_rejects_malformed_replies_without_touching_the_model():
-    """The strategy path directly: garbage bytes, a wrong array, missing metrics, no reply."""
-    config = small_config()
-    grid = InProcessGrid(config, nodes=1)
-    run = FlowerRun(config, FlowerOptions())
-    driver: RoundDriver = run.driver
-    messages, down_len = driver.train_messages([100, 101, 102, 103], 1, 1e-3)
+def sent_train_messages(run: FlowerRun, grid: InProcessGrid) -> list[Message]:
+    """The strategy's round-1 train messages, with the ids a SuperLink would give them."""
+    run.strategy.assign(PartitionMap(node_of={i: n for i, n in enumerate(grid.contexts)}, count=len(grid.contexts)))
+    messages = list(run.strategy.configure_train(1, run.initial, ConfigRecord(), grid))
     for m in messages:
         m.metadata.__dict__["_message_id"] = m.object_id
-    bad = [
-        RecordDict({"payload": to_record(b"\x01" * 64),
-                    "metrics": MetricRecord({"num-samples": 5, "train-loss": 1.0, "partition-id": 0})}),
-        RecordDict({"payload": ArrayRecord({"bytes": Array(np.zeros(8, np.float64))}),
-                    "metrics": MetricRecord({"num-samples": 5, "train-loss": 1.0, "partition-id": 1})}),
-        RecordDict({"payload": to_record(b"\x01" * 64), "config": ConfigRecord({"x": 1})}),
+    return messages
+
+
+def reply_with(msg: Message, payload: bytes, **metrics) -> Message:
+    return Message(RecordDict({"arrays": to_record(payload), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def test_strategy_rejects_malformed_replies_without_touching_the_model():
+    """The ServerApp's strategy directly: garbage bytes, a wrong array, missing metrics, a lying
+    partition id, a wrong sample count, a reply for another node's message, no reply."""
+    config = small_config()
+    grid = InProcessGrid(config, nodes=7)
+    run = FlowerRun(config, FlowerOptions())
+    messages = sent_train_messages(run, grid)
+    assert [m.content["config"]["partition-id"] for m in messages] == list(range(7))
+    good = client_app.train(messages[0], grid.contexts[100])
+    good_payload = from_record(good.content.array_records["arrays"])
+    size = good.content.metric_records["metrics"]["num-examples"]
+    sizes = {i: len(p) for i, p in enumerate(split_clients_of(config, 7))}
+    replies = [
+        reply_with(messages[0], b"\x01" * 64, **{"num-examples": size, "train-loss": 1.0, "partition-id": 0}),
+        Message(RecordDict({"arrays": ArrayRecord({"bytes": Array(np.zeros(8, np.float64))}),
+                            "metrics": MetricRecord({"num-examples": sizes[1], "train-loss": 1.0, "partition-id": 1})}),
+                reply_to=messages[1]),
+        Message(RecordDict({"arrays": to_record(good_payload), "config": ConfigRecord({"x": 1})}), reply_to=messages[2]),
+        reply_with(messages[3], good_payload, **{"num-examples": sizes[3], "train-loss": 1.0, "partition-id": 0}),
+        reply_with(messages[4], good_payload, **{"num-examples": sizes[4] + 1, "train-loss": 1.0, "partition-id": 4}),
+        reply_with(messages[0], good_payload, **{"num-examples": size, "train-loss": 1.0, "partition-id": 0}),
     ]
-    replies = {m.metadata.message_id: Message(c, reply_to=m) for m, c in zip(messages[:3], bad)}
-    before = {k: v.clone() for k, v in run.server.served_state().items()}
-    outcome = RoundOutcome(round=1, sent=4, bytes_down_per_client=down_len)
-    outcome = driver.aggregate(outcome, {m.metadata.message_id: m.metadata.dst_node_id for m in messages}, replies)
-    assert outcome.accepted == 0 and outcome.rejected == 3 and outcome.missing == 1 and outcome.skipped
+    replies[-1].metadata.__dict__["_src_node_id"] = 105  # node 105 answering node 100's message
+    _, metrics = run.strategy.aggregate_train(1, replies)
+    report = run.strategy.last_round
+    assert [o.status for o in report.outcomes] == ["rejected"] * 5 + ["missing", "missing", "rejected"]
+    assert "partition-id 0 is not the partition 3 assigned to node 103" in report.outcomes[3].reason
+    assert f"num-examples {sizes[4] + 1} is not the {sizes[4]} samples of partition 4" in report.outcomes[4].reason
+    assert (metrics["accepted"], metrics["rejected"], metrics["failed"], metrics["skipped"]) == (0, 6, 2, 1)
     assert run.server.round == 1
     after = run.server.served_state()
+    before = run.initial.to_torch_state_dict()
     assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
-    assert grid  # unused: the replies were built by hand
 
 
-@pytest.mark.parametrize("low_precision", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fp32", "8bit-ma"])
+def split_clients_of(config: RunConfig, parts: int):
+    from dataclasses import replace
+
+    from lptfl.data import load_dataset
+    from lptfl.experiment.setup import split_clients
+
+    data = load_dataset(config.dataset, config.data_path, download=config.download)
+    return split_clients(replace(config, num_clients=parts), data.train_y.numpy())[0]
+
+
+@pytest.mark.parametrize("low_precision", [False, True], ids=["fp32", "8bit-ma"])
 def test_parity_with_the_simulator(tmp_path, low_precision):
     """Same config, same seeds: the Flower driver (in-process grid) reproduces ``lptfl run``'s
     rounds: sampled clients, accuracy, losses and payload bytes. The fp32 case samples 2 of 3
     clients per round (``--frac`` < 1: the server asks the nodes for their partitions)."""
     from lptfl.sim.engine import Simulation
 
-    if low_precision and os.environ.get("LPTFL_FLOWER_FULL") != "1":
-        pytest.skip("eager low-precision training is slow on a small CPU; set LPTFL_FLOWER_FULL=1")
     extra = dict(use_quantization=True, quantization_bits=8, moving_average=True) if low_precision else {}
     nodes, frac = (2, 1.0) if low_precision else (3, 0.67)
     config = small_config(c_rounds=2, num_clients=nodes, frac=frac, **extra)
@@ -316,7 +363,7 @@ def test_algorithms_on_flower_match_the_simulator(tmp_path, extra):
         assert have["test_loss"] == pytest.approx(want.test_loss, rel=1e-5)
         assert have["train_loss"] == pytest.approx(want.train_loss, rel=1e-5)
     if config.aggregation_mode == "fedbn":
-        assert all(client_app.LOCAL_STATE in grid.contexts[n].state for n in grid.contexts)
+        assert all(LOCAL_STATE in grid.contexts[n].state for n in grid.contexts)
     if config.aggregation_mode == "fedgen":
         assert all("fedgen-generator" in m.content.array_records for m in grid.sent if m.metadata.message_type == "train")
 
@@ -324,19 +371,15 @@ def test_algorithms_on_flower_match_the_simulator(tmp_path, extra):
 def test_bad_label_counts_are_rejected_without_touching_the_model():
     """FedFTG needs each update's label counts: a reply with malformed counts is refused."""
     config = small_config(aggregation_mode="fedftg", fedftg_iterations=1)
+    grid = InProcessGrid(config, nodes=4)
     run = FlowerRun(config, FlowerOptions())
-    driver: RoundDriver = run.driver
-    messages, down_len = driver.train_messages([100, 101, 102], 1, 1e-3)
-    for m in messages:
-        m.metadata.__dict__["_message_id"] = m.object_id
-    payload = to_record(run.server.downlink())  # a well-formed model payload
-    bad_counts = ([1, 2], [-1] * 10, [1.5] * 10)
-    replies = {
-        m.metadata.message_id: Message(RecordDict({"payload": payload, "metrics": MetricRecord(
-            {"num-samples": 5, "train-loss": 1.0, "partition-id": i, "label-counts": counts})}), reply_to=m)
-        for i, (m, counts) in enumerate(zip(messages, bad_counts))
-    }
-    outcome = RoundOutcome(round=1, sent=3, bytes_down_per_client=down_len)
-    outcome = driver.aggregate(outcome, {m.metadata.message_id: m.metadata.dst_node_id for m in messages}, replies)
-    assert outcome.accepted == 0 and outcome.rejected == 3 and outcome.skipped
-    assert all("label-counts" in reason for reason in outcome.reasons)
+    messages = sent_train_messages(run, grid)
+    payload = run.server.downlink()  # a well-formed model payload
+    sizes = [len(p) for p in split_clients_of(config, 4)]
+    bad_counts = ([1, 2], [-1] * 10, [1.5] * 10, [sizes[3]] + [1] * 9)
+    replies = [reply_with(m, payload, **{"num-examples": sizes[i], "train-loss": 1.0, "partition-id": i,
+                                         "label-counts": counts})
+               for i, (m, counts) in enumerate(zip(messages, bad_counts))]
+    _, metrics = run.strategy.aggregate_train(1, replies)
+    assert metrics["accepted"] == 0 and metrics["rejected"] == 4 and metrics["skipped"] == 1
+    assert all("label-counts" in o.reason for o in run.strategy.last_round.outcomes)

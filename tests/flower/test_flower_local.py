@@ -16,13 +16,24 @@ pytest.importorskip("flwr")
 
 from lptfl.experiment.results import read_metrics  # noqa: E402
 
-PATTERN = "flower-superlink|flower-supernode|flower-superexec|flwr-serverapp|flwr-clientapp"
 SMALL = ["--dataset", "digits", "--model_width", "16", "--frac", "1.0", "--batch_size", "64", "--compile", "off"]
 
 
-def flower_pids() -> set[int]:
-    done = subprocess.run(["pgrep", "-f", PATTERN], capture_output=True, text=True)
-    return {int(p) for p in done.stdout.split()} - {os.getpid()}
+def flower_pids(home: Path) -> set[int]:
+    """Processes started for the federation whose FLWR_HOME is ``home`` (they inherit it), so
+    Flower processes of other runs on this machine are never counted."""
+    marker = f"FLWR_HOME={Path(home).resolve()}".encode()
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if marker in environ:
+            found.add(int(proc.name))
+    return found
 
 
 def run_cli(args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -32,23 +43,26 @@ def run_cli(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     )
 
 
-def assert_no_new_flower_processes(before: set[int]) -> None:
+def assert_no_flower_processes(home: Path) -> None:
     deadline = time.monotonic() + 10
-    while (left := flower_pids() - before) and time.monotonic() < deadline:
+    while (left := flower_pids(home)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"flower processes left running: {left}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
-def test_flower_local_two_rounds(tmp_path: Path, tls: bool):
-    if tls and os.environ.get("LPTFL_FLOWER_FULL") != "1":
-        pytest.skip("the TLS run repeats the end-to-end test; set LPTFL_FLOWER_FULL=1")
-    before = flower_pids()
+@pytest.mark.parametrize("insecure", [False, True], ids=["tls-default", "insecure"])
+def test_flower_local_two_rounds(tmp_path: Path, insecure: bool):
+    """Two rounds on a local federation: with TLS unless --insecure is asked for."""
+    if insecure and os.environ.get("LPTFL_FLOWER_FULL") != "1":
+        pytest.skip("the insecure run repeats the end-to-end test; set LPTFL_FLOWER_FULL=1")
     out = tmp_path / "out"
     args = ["--supernodes", "2", "--rounds", "2", "--out", str(out), "--flwr-home", str(tmp_path / "home"), *SMALL]
-    done = run_cli(args + (["--tls"] if tls else []), timeout=420)
+    done = run_cli(args + (["--insecure"] if insecure else []), timeout=420)
     assert done.returncode == 0, done.stdout + done.stderr
+    connection = (tmp_path / "home" / "config.toml").read_text()
+    assert ("insecure = true" in connection) == insecure and ("root-certificates" in connection) != insecure
+    assert ("without TLS" in done.stderr) == insecure, done.stderr
     rounds = read_metrics(out)
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
@@ -61,13 +75,28 @@ def test_flower_local_two_rounds(tmp_path: Path, tls: bool):
     assert summary["rounds"] == 2 and summary["driver"] == "flower"
     assert summary["bytes_up_total"] == sum(r["bytes_up"] for r in rounds)
     assert (out / "curves.png").exists()
-    assert_no_new_flower_processes(before)
+    assert_no_flower_processes(tmp_path / "home")
+
+
+def test_tls_is_the_default_and_needs_openssl(tmp_path: Path, monkeypatch):
+    """Certificates unless --insecure; without openssl a one-line error that names --insecure."""
+    from lptfl.flower.local import FlowerRunError, local_security
+
+    tls = local_security(tmp_path / "certs", insecure=False)
+    assert tls is not None and tls.ca_cert.exists() and tls.server_cert.exists() and tls.server_key.exists()
+    assert local_security(tmp_path / "none", insecure=True) is None
+    assert not (tmp_path / "none").exists()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(FlowerRunError, match="install openssl, or pass --insecure"):
+        local_security(tmp_path / "certs2", insecure=False)
+    done = run_cli(["--out", str(tmp_path / "out"), "--flwr-home", str(tmp_path / "home"), *SMALL], timeout=120)
+    assert done.returncode == 1 and "pass --insecure to run without TLS" in done.stderr, done.stderr
+    assert not flower_pids(tmp_path / "home")
 
 
 def test_flower_local_failure_is_reported_and_cleaned_up(tmp_path: Path):
     """A run that cannot work (a dataset that is not there) fails with exit 1, not 0,
     and leaves no process behind."""
-    before = flower_pids()
     out = tmp_path / "out"
     args = ["--supernodes", "1", "--rounds", "1", "--out", str(out), "--flwr-home", str(tmp_path / "home"),
             "--dataset", "mnist", "--data_path", str(tmp_path / "no-data"), "--timeout", "240"]
@@ -75,7 +104,7 @@ def test_flower_local_failure_is_reported_and_cleaned_up(tmp_path: Path):
     assert done.returncode == 1, done.stdout + done.stderr
     assert "flower run failed" in done.stderr
     assert not (out / "summary.json").exists()
-    assert_no_new_flower_processes(before)
+    assert_no_flower_processes(tmp_path / "home")
 
 
 @pytest.mark.slow
@@ -91,7 +120,6 @@ def test_killed_supernode_is_counted_and_the_run_completes(tmp_path: Path):
     from lptfl.flower.config import FlowerOptions, to_flower_config
     from lptfl.flower.local import LocalFederation, write_app
 
-    before = flower_pids()
     out = tmp_path / "out"
     config = RunConfig(dataset="digits", model_width=16, frac=1.0, batch_size=64, compile="off", c_rounds=2, num_clients=2)
     options = FlowerOptions(out_dir=str(out), min_nodes=2, round_timeout=90)
@@ -112,7 +140,7 @@ def test_killed_supernode_is_counted_and_the_run_completes(tmp_path: Path):
     assert r1["accepted"] == 2
     assert r2["accepted"] == 1 and r2["failed"] == 1 and r2["missing"] + r2["errors"] == 1 and not r2["skipped"]
     assert r2["clients"] == [0]
-    assert_no_new_flower_processes(before)
+    assert_no_flower_processes(tmp_path / "home")
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
@@ -120,7 +148,6 @@ def test_interrupt_stops_every_process(tmp_path: Path, sig: str):
     """Ctrl-C (or SIGTERM) while the federation runs: the command stops all it started."""
     import signal
 
-    before = flower_pids()
     home = tmp_path / "home"
     args = ["--supernodes", "2", "--rounds", "5", "--out", str(tmp_path / "out"), "--flwr-home", str(home), *SMALL]
     proc = subprocess.Popen([sys.executable, "-m", "lptfl", "flower-local", *args], stdout=subprocess.PIPE,
@@ -132,7 +159,7 @@ def test_interrupt_stops_every_process(tmp_path: Path, sig: str):
             assert time.monotonic() < deadline, "the federation did not start"
             time.sleep(0.2)
         time.sleep(2)
-        assert flower_pids() - before, "no flower process was running"
+        assert flower_pids(home), "no flower process was running"
         proc.send_signal(getattr(signal, sig))
         _, err = proc.communicate(timeout=150)
     finally:
@@ -140,4 +167,4 @@ def test_interrupt_stops_every_process(tmp_path: Path, sig: str):
             proc.kill()
             proc.wait()
     assert proc.returncode in (130, 143), err
-    assert_no_new_flower_processes(before)
+    assert_no_flower_processes(tmp_path / "home")

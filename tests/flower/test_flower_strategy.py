@@ -174,6 +174,47 @@ def test_bad_replies_are_rejected_and_a_short_round_keeps_the_model(digits):
     assert len(result.arrays) == 0  # no aggregate: Flower keeps the initial arrays in its loop
 
 
+def good_update(**metrics):
+    def reply(msg: Message) -> Message:
+        payload = codec.encode(mlp().state_dict(), POLICY.uplink)
+        return Message(RecordDict({"arrays": to_record(payload), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return reply
+
+
+def test_every_reply_field_is_checked_and_the_round_goes_on(digits):
+    """A weight above max_weight, a non-finite metric, a reply to another node's message and a
+    raising check_reply hook are each rejected with a reason; the good update is aggregated."""
+    train, test = digits
+
+    class Strict(LowPrecisionFedAvg):
+        def check_reply(self, server_round, node_id, metrics):
+            if "boom" in metrics:
+                raise KeyError("a check that fails on odd input")
+            return node_id
+
+    def other_node(msg: Message) -> Message:
+        reply = good_update(**{"num-examples": 10})(msg)
+        reply.metadata.__dict__["_src_node_id"] = 999
+        return reply
+
+    tamper = {101: good_update(**{"num-examples": 10**9}), 102: good_update(**{"num-examples": 10, "loss": math.inf}),
+              103: other_node, 104: good_update(**{"num-examples": 10, "boom": 1})}
+    grid = HelperGrid(train, test, nodes=5, tamper=tamper)
+    strategy = Strict(policy=POLICY, fraction_evaluate=0.0, max_weight=10_000)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(mlp().state_dict()), num_rounds=1)
+    m = result.train_metrics_clientapp[1]
+    assert (m["accepted"], m["rejected"], m["failed"], m["skipped"]) == (1, 4, 0, 0)
+    reasons = {o.node: o.reason for o in strategy.last_round.outcomes}
+    assert "above the limit of 10000" in reasons[101]
+    assert "metric 'loss' must be finite, got inf" in reasons[102]
+    assert "the reply came from node 999" in reasons[103]
+    assert "a check that fails on odd input" in reasons[104]
+    assert {o.node: o.status for o in strategy.last_round.outcomes} == {100: "accepted", **dict.fromkeys(tamper, "rejected")}
+    with pytest.raises(ValueError, match="max_weight must be > 0"):
+        LowPrecisionFedAvg(policy=POLICY, max_weight=0)
+
+
 def test_client_refuses_a_policy_the_server_does_not_accept(digits):
     train, test = digits
     grid = HelperGrid(train, test, nodes=2, policy=PrecisionPolicy.low_precision(6))

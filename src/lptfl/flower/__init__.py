@@ -7,10 +7,13 @@ For any Flower app (``docs/flower.md``):
 - :func:`train_low_precision`, :func:`evaluate_low_precision` (:mod:`lptfl.flower.training`)
   — the ClientApp side: low-precision local training of the user's own model and data.
 
-lptfl's own app:
+lptfl's own app, built on those two:
 
-- :mod:`lptfl.flower.server_app` — the ``ServerApp`` (``lptfl.flower.server_app:app``).
-- :mod:`lptfl.flower.client_app` — the ``ClientApp`` (``lptfl.flower.client_app:app``).
+- :mod:`lptfl.flower.server_app` — the ``ServerApp`` (``lptfl.flower.server_app:app``), whose
+  strategy is :mod:`lptfl.flower.run_strategy` (``LowPrecisionFedAvg`` set up from a run config)
+  over the partitions of :mod:`lptfl.flower.partitions`.
+- :mod:`lptfl.flower.client_app` — the ``ClientApp`` (``lptfl.flower.client_app:app``), one
+  ``train_low_precision`` call per message.
 - :mod:`lptfl.flower.config` — Flower run config <-> :class:`lptfl.experiment.config.RunConfig`.
 - :mod:`lptfl.flower.local` — a local federation (SuperLink + SuperNodes) for ``lptfl flower-local``.
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,22 @@ def make_certificates(directory: Path, *, days: int = 2) -> TLSFiles:
         if done.returncode != 0:
             raise FlowerRunError(f"openssl {step[0]} failed: {done.stderr.strip()}")
     return TLSFiles(ca_cert=ca_cert, server_cert=cert, server_key=key)
+
+
+def local_security(directory: Path, *, insecure: bool) -> TLSFiles | None:
+    """TLS for a local federation (the default: any local user can reach a SuperLink on
+    loopback), certificates made in ``directory``; None (no TLS) only when ``insecure``.
+
+    Raises:
+        FlowerRunError: openssl is not on PATH (install it, or ask for ``--insecure``).
+    """
+    if insecure:
+        log.warning("the local federation runs without TLS (--insecure): any local user can reach its SuperLink")
+        return None
+    if shutil.which("openssl") is None:
+        raise FlowerRunError("the local federation uses TLS, whose certificates need openssl, which is not on "
+                             "PATH; install openssl, or pass --insecure to run without TLS")
+    return make_certificates(directory)
 
 
 def make_supernode_key(directory: Path, name: str) -> Path:
@@ -370,12 +387,18 @@ class LocalFederation:
         runs = reply.get("runs") or []
         return runs[0] if runs else {}
 
-    def wait(self, run_id: int, timeout: float, poll_s: float = 2.0) -> dict:
-        """Poll until the run's status starts with ``finished:``; return that entry."""
+    def wait(self, run_id: int, timeout: float, poll_s: float = 2.0,
+             progress: Callable[[], None] | None = None) -> dict:
+        """Poll until the run's status starts with ``finished:``; return that entry. ``progress``
+        is called at every poll (and once more at the end)."""
         deadline = time.monotonic() + timeout
         while True:
+            if progress is not None:
+                progress()
             entry = self.status(run_id)
             if str(entry.get("status", "")).startswith("finished:"):
+                if progress is not None:
+                    progress()
                 return entry
             self.check_alive()
             if time.monotonic() > deadline:
@@ -386,6 +409,25 @@ class LocalFederation:
     def logs(self, run_id: int) -> str:
         done = self.flwr("log", str(run_id), FEDERATION, "--show", timeout=60)
         return done.stdout + done.stderr
+
+
+class RoundProgress:
+    """Logs each round the ServerApp has appended to a run's ``metrics.jsonl`` since the last call."""
+
+    def __init__(self, path: Path, total: int) -> None:
+        self.path, self.total, self.seen = Path(path), total, 0
+
+    def __call__(self) -> None:
+        try:
+            lines = self.path.read_bytes().split(b"\n")[:-1]  # complete lines only
+        except FileNotFoundError:
+            return
+        for line in lines[self.seen:]:
+            row = json.loads(line)
+            accuracy = row.get("test_accuracy")
+            log.info("round %d/%d: test accuracy %s, train loss %.4f, %.1f s", row["round"], self.total,
+                     "-" if accuracy is None else f"{accuracy:.4f}", row["train_loss"], row["round_time_s"])
+        self.seen = len(lines)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -417,7 +459,7 @@ def run_local(
     """
     from dataclasses import replace
 
-    from lptfl.experiment.results import SUMMARY, read_metrics
+    from lptfl.experiment.results import METRICS, SUMMARY, read_metrics
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -433,7 +475,7 @@ def run_local(
         started = time.monotonic()
         run_id = federation.submit(app_dir)
         log.info("run %d submitted to the local federation (%d SuperNodes)", run_id, supernodes)
-        entry = federation.wait(run_id, timeout)
+        entry = federation.wait(run_id, timeout, progress=RoundProgress(out_dir / METRICS, config.c_rounds))
         status = str(entry.get("status"))
         log.info("run %d: %s after %.1f s", run_id, status, time.monotonic() - started)
         summary_path = out_dir / SUMMARY

@@ -15,8 +15,9 @@ from flwr.app import Array, ArrayRecord
 from lptfl.codec import PayloadError
 from lptfl.quant import BFPFormat
 
-PAYLOAD_RECORD = "payload"
 PAYLOAD_KEY = "bytes"
+GENERATOR_RECORD = "fedgen-generator"
+"""Record key of FedGen's generator, sent with the model by lptfl's own ServerApp."""
 
 
 def to_record(payload: bytes) -> ArrayRecord:
@@ -48,6 +49,10 @@ def from_record(record: ArrayRecord, *, max_bytes: int = 1 << 30) -> bytes:
 
 UPLINK_FORMAT_KEY = "lptfl-uplink-format"
 """Config-record key under which the strategy announces the uplink format it accepts."""
+
+MODEL_RECORD_KEY = "lptfl-model-record"
+"""Config-record key naming the ArrayRecord that holds the packed model (a message may carry
+more, e.g. FedGen's generator)."""
 
 
 def format_label(fmt: BFPFormat | None) -> str:

@@ -11,25 +11,31 @@ puts the policy's activation/error quantizers into the model, trains with the lo
 optimizer (:class:`lptfl.fl.LocalTrainer`), keeps the optimizer state in ``context.state``
 between rounds, encodes the trained model in the policy's uplink format and returns the
 reply. :func:`evaluate_low_precision` decodes the downlink and scores it. The loss is
-cross-entropy over the model's logits (classification).
+cross-entropy over the model's logits (classification). Extra loss terms (``objective``,
+e.g. FedGen's), entries that stay on the node (``keep_local``, e.g. FedBN's batch norm) and
+extra reply metrics let an FL algorithm's client side use the same call (lptfl's own
+ClientApp, :mod:`lptfl.flower.client_app`, does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Union
 
 import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app.typing import MetricRecordValues
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lptfl import codec
 from lptfl.fl import LocalTrainer, evaluate, full_precision_names
 from lptfl.fl.algorithms import proximal_regularizer
+from lptfl.fl.client import LocalObjective
+from lptfl.flower.local_state import load_local_state, save_local_state
 from lptfl.flower.optimizer_state import load_optimizer_state, save_optimizer_state
-from lptfl.flower.payload import UPLINK_FORMAT_KEY, format_label, from_record, to_record
+from lptfl.flower.payload import MODEL_RECORD_KEY, UPLINK_FORMAT_KEY, format_label, from_record, to_record
 from lptfl.quant import PrecisionPolicy
 
 Data = Union[tuple[torch.Tensor, torch.Tensor], DataLoader]
@@ -68,12 +74,17 @@ def as_tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _downlink(msg: Message) -> tuple[str, bytes]:
-    """``(record key, payload)`` of the message's single ArrayRecord."""
+    """``(record key, payload)`` of the packed model: the ArrayRecord the config names
+    (:data:`~lptfl.flower.payload.MODEL_RECORD_KEY`), else the message's single one."""
     records = msg.content.array_records
-    if len(records) != 1:
-        raise ValueError(f"expected one ArrayRecord (the lptfl downlink) in the message, got {sorted(records)}")
-    key, record = next(iter(records.items()))
-    return key, from_record(record)
+    key = _config(msg).get(MODEL_RECORD_KEY)
+    if key is None:
+        if len(records) != 1:
+            raise ValueError(f"expected one ArrayRecord (the lptfl downlink) in the message, got {sorted(records)}")
+        key = next(iter(records))
+    if key not in records:
+        raise ValueError(f"the config names the model record {key!r}, but the message holds {sorted(records)}")
+    return key, from_record(records[key])
 
 
 def _config(msg: Message) -> Mapping:
@@ -108,6 +119,11 @@ def train_low_precision(
     compress: bool = False,
     seed: int | None = None,
     device: str | torch.device = "cpu",
+    compile: bool = False,
+    compile_mode: str = "default",
+    keep_local: Iterable[str] = (),
+    objective: LocalObjective | None = None,
+    metrics: Mapping[str, MetricRecordValues] | None = None,
 ) -> Message:
     """Train ``model`` on ``train_data`` from the downlink in ``msg``; the reply with the update.
 
@@ -131,11 +147,19 @@ def train_low_precision(
         seed: seeds shuffling and stochastic rounding (None: derived from the node id and
             the server round).
         device: where training runs.
+        compile: fuse the training step with ``torch.compile`` (checked against eager once).
+        compile_mode: ``torch.compile``'s mode.
+        keep_local: state entries that never leave the node (FedBN: the batch norm). They are
+            neither expected in the downlink nor sent up; the node keeps them in
+            ``context.state`` (the model's own values before its first round).
+        objective: extra loss terms with their own inputs (e.g. FedGen's generated features).
+        metrics: extra values for the reply's MetricRecord (e.g. the client's label counts).
 
     Returns:
         The reply: the packed update in an ArrayRecord under the downlink's key, and a
         MetricRecord ``"metrics"`` with ``num-examples``, ``train-loss`` (mean cross-entropy,
-        nats), ``bytes-down`` and ``bytes-up`` (payload lengths) and ``state-restored`` (0/1).
+        nats), ``bytes-down`` and ``bytes-up`` (payload lengths), ``state-restored`` (0/1)
+        and ``metrics``.
 
     Raises:
         ValueError: the server accepts another uplink format than ``policy.uplink``, the
@@ -152,9 +176,18 @@ def train_low_precision(
     if batch_size is None:
         loader_batch = train_data.batch_size if isinstance(train_data, DataLoader) else None
         batch_size = loader_batch or DEFAULT_BATCH_SIZE
-    full_precision = full_precision_names(model)
-    start = codec.decode(down, expect=_expected_state(model))
-    trainer = LocalTrainer(model, policy, optimizer=optimizer, lr=lr, example_input=x[:batch_size], device=device)
+    local = set(keep_local)
+    initial = model.state_dict()
+    unknown = sorted(local - set(initial))
+    if unknown:
+        raise ValueError(f"keep_local names entries that are not in the model's state: {unknown}")
+    full_precision = [k for k in full_precision_names(model) if k not in local]
+    expect = {k: v for k, v in _expected_state(model).items() if k not in local}
+    start = codec.decode(down, expect=expect)
+    if local:
+        start.update(load_local_state(context.state, {k: initial[k] for k in local}))
+    trainer = LocalTrainer(model, policy, optimizer=optimizer, lr=lr, example_input=x[:batch_size],
+                           compile=compile, compile_mode=compile_mode, device=device)
     restored = keep_optimizer_state and load_optimizer_state(trainer.inner, context.state)
     server_round = int(config.get("server-round", 0))
     generator = torch.Generator().manual_seed(_round_seed(context, server_round, seed))
@@ -162,18 +195,22 @@ def train_low_precision(
     # Flower's FedProx adds (mu / 2) ||w - w_global||^2; lptfl's term is mu' ||w - w_global||^2
     regularizer = proximal_regularizer(trainer.model, start, mu / 2) if mu > 0 else None
     result = trainer.train(start, x, y, epochs=epochs, batch_size=batch_size, generator=generator,
-                           regularizer=regularizer)
+                           regularizer=regularizer, objective=objective)
     if keep_optimizer_state:
         save_optimizer_state(trainer.inner, context.state)
-    up = codec.encode(result.state, policy.uplink, full_precision=full_precision, compress=compress)
-    metrics = MetricRecord({
+    if local:
+        save_local_state(context.state, {k: result.state[k] for k in local})
+    shared = {k: v for k, v in result.state.items() if k not in local}
+    up = codec.encode(shared, policy.uplink, full_precision=full_precision, compress=compress)
+    values = {
         "num-examples": int(result.num_samples),
         "train-loss": float(result.loss),
         "bytes-down": len(down),
         "bytes-up": len(up),
         "state-restored": int(restored),
-    })
-    return Message(RecordDict({key: to_record(up), METRICS_RECORD: metrics}), reply_to=msg)
+    }
+    values.update(metrics or {})
+    return Message(RecordDict({key: to_record(up), METRICS_RECORD: MetricRecord(values)}), reply_to=msg)
 
 
 def evaluate_low_precision(
