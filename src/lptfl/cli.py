@@ -41,7 +41,8 @@ _HELP = {
     "test_batch_size": "evaluation batch size",
     "lr": "client learning rate",
     "lr_schedule": "client learning rate over the rounds (CosineAnnealingLR: cosine)",
-    "optimizer": "client optimizer (the published Adam, SGD: any case)",
+    "optimizer": "client optimizer: adam (the paper's), sgd (plain, as the published SGD) or sgd-momentum "
+                 "(momentum 0.9); the published spellings in any case",
     "seed": "seed of every random draw (partition, sampling, rounding, initialisation)",
     "weight_quantization_bits": "with --use_mixed_precision: word length of the weights",
     "activation_quantization_bits": "with --use_mixed_precision: word length of activations and errors",

@@ -276,7 +276,7 @@ def test_published_optimizer_schedule_and_algorithm_names():
     assert (config.optimizer, config.lr_schedule, config.aggregation_mode) == ("adam", "cosine", "fedftg")
     assert parsed("--optimizer", "SGD").optimizer == "sgd" and parsed("--optimizer", "ADAM").optimizer == "adam"
     assert parsed("--optimizer", "Adam").fingerprint() == parsed("--optimizer", "adam").fingerprint()
-    with pytest.raises(ValueError, match='optimizer: expected one of "adam", "sgd", got "RMSprop"'):
+    with pytest.raises(ValueError, match='optimizer: expected one of "adam", "sgd", "sgd-momentum", got "RMSprop"'):
         parsed("--optimizer", "RMSprop")
 
 
@@ -329,3 +329,13 @@ def test_version_and_no_flags_for_every_boolean(capsys):
         assert getattr(parsed(f"--{name}", f"--no-{name}"), name) is False
     args = build_parser().parse_args(["run", "--overwrite", "--no-overwrite", "--no-quiet", "--no-test_client"])
     assert args.overwrite is False and args.quiet is False
+
+
+def test_the_published_sgd_is_plain_sgd():
+    from torch import nn
+
+    from lptfl.fl.client import make_optimizer
+
+    params = list(nn.Linear(2, 2).parameters())
+    assert make_optimizer("sgd", params, 0.1).param_groups[0]["momentum"] == 0
+    assert make_optimizer("sgd-momentum", params, 0.1).param_groups[0]["momentum"] == 0.9

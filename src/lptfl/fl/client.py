@@ -20,7 +20,7 @@ from torch import nn
 from lptfl.quant import PrecisionPolicy, reseed_quantizers
 from lptfl.quant.compiled import MaybeCompiled, mismatch
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "sgd-momentum")
 # Largest relative L2 differences between the compiled and the eager first step, of the loss and of
 # all gradients together. Both use the same rounding keys, but reassociation flips some roundings
 # and the flips cascade: a 1e-6 input perturbation alone moves an 8-bit ConvNet's gradients by
@@ -68,10 +68,13 @@ class TrainResult:
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """``adam`` (the paper's) or ``sgd`` (momentum 0.9)."""
+    """``adam`` (the paper's), ``sgd`` (plain, as the published code's ``SGD``) or ``sgd-momentum``
+    (momentum 0.9)."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "sgd-momentum":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 

@@ -140,7 +140,7 @@ def train_low_precision(
         epochs: local epochs.
         batch_size: mini-batch size (None: the DataLoader's, else 32).
         lr: the local optimizer's learning rate.
-        optimizer: ``"adam"`` (the paper's) or ``"sgd"`` (momentum 0.9).
+        optimizer: ``"adam"`` (the paper's), ``"sgd"`` (plain) or ``"sgd-momentum"``.
         keep_optimizer_state: keep the optimizer state in ``context.state`` and resume from
             it in the node's next round (the paper's persistent local state).
         compress: zstd-compress the uplink payload (lossless).
