@@ -48,7 +48,7 @@ def test_a_choice_setting_shows_its_choices_and_a_flag_its_default(capsys):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--robust {none,median,trimmed_mean}" in text and "(default none)" in text
-    assert "--optimizer {adam,sgd}" in text and "--quant_type {stochastic,nearest}" in text
+    assert "--optimizer {adam,sgd,sgd-momentum}" in text and "--quant_type {stochastic,nearest}" in text
     groups = flags_by_group(subparser("run"))
     assert {"--resume", "--stop_after", "--no_verify"} <= {s for a in groups["reliability"] for s in a.option_strings}
     assert {"--compile", "--device"} <= {s for a in groups["performance"] for s in a.option_strings}
