@@ -254,7 +254,7 @@ class CohortTrainer:
         with zero-weight copies of its own samples (the same loss, gradients and per-tensor
         activation maxima) and a client that is done gets a zero-weight batch.
         """
-        grads = [torch.zeros_like(p) for p in params]
+        grads = None  # allocated only when the clients run as several groups
         if self._vloss.active:
             groups = {batch_size: list(range(params[0].shape[0]))}
         else:
@@ -267,10 +267,13 @@ class CohortTrainer:
             leaves = [leaf.detach().requires_grad_() for leaf in leaves]
             inputs = self._inputs(members, batches, keys, xs, ys, size)
             losses, step_grads = self._loss_and_grads(leaves, *inputs)
-            for g, leaf_grad in zip(grads, step_grads):
-                g.index_copy_(0, index, leaf_grad)
             counts = inputs[-1].sum(dim=1).to(torch.float64)  # real samples per client (0: done)
             loss_sums.index_add_(0, index, losses.detach().to(torch.float64).nan_to_num() * counts)
+            if len(members) == params[0].shape[0]:  # one group of every client: its gradients as they are
+                return list(step_grads)
+            grads = grads or [torch.zeros_like(p) for p in params]
+            for g, leaf_grad in zip(grads, step_grads):
+                g.index_copy_(0, index, leaf_grad)
         return grads
 
     def _inputs(self, members: list[int], batches: dict[int, torch.Tensor], keys: dict[int, tuple],
