@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lptfl.allocator import keep_freed_memory
+from lptfl.experiment.allocator import keep_freed_memory
 from lptfl.models import ConvNet
 from lptfl.quant import BFPFormat, PrecisionPolicy, reseed_quantizers
 from lptfl.quant.compiled import MaybeCompiled

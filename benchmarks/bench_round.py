@@ -29,9 +29,10 @@ import torch
 
 from lptfl.data import load_dataset
 from lptfl.experiment.config import RunConfig
-from lptfl.experiment.setup import build_run_model, derive_seed, sample_clients, split_clients
+from lptfl.experiment.setup import build_run_model, sample_clients, split_clients
 from lptfl.fl.client import LocalTrainer, TrainResult
 from lptfl.fl.cohort import CohortClient, CohortTrainer
+from lptfl.fl.seeds import derive_seed
 
 PAPER = dict(dataset="fmnist", model_name="ConvNet", num_clients=80, frac=0.4, alpha=0.01, epochs=1,
              batch_size=32, lr=1e-3, block_dim="BC")

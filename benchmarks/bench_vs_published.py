@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lptfl.allocator import keep_freed_memory
+from lptfl.experiment.allocator import keep_freed_memory
 from lptfl.cli import build_parser, config_from_args
 from lptfl.sim.engine import Simulation
 

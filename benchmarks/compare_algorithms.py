@@ -20,7 +20,7 @@ from pathlib import Path
 from reproduce_paper import CONFIGS, PAPER_SETTING
 
 from lptfl.experiment.results import read_metrics
-from lptfl.grid import GridRun, run_grid
+from lptfl.sim.grid import GridRun, run_grid
 from lptfl.report import describe, plot_curves, table
 
 MODES = ("fedavg", "fedprox", "abavg", "fedgen", "fedftg", "fedbn")

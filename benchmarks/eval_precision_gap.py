@@ -26,7 +26,7 @@ import torch
 from lptfl.data import load_dataset
 from lptfl.experiment.setup import build_run_model
 from lptfl.fl import evaluate
-from lptfl.sim.checkpoint import CheckpointError, load_checkpoint, read_config
+from lptfl.experiment.checkpoint import CheckpointError, load_checkpoint, read_config
 
 
 def score(run_dir: Path, datasets: dict, data_path: str | None, test_batch_size: int | None = None) -> str:

@@ -8,7 +8,7 @@ Run on a GPU machine and bring everything back as one archive:
 or, under a time limit, ``bash benchmarks/reproduce_on_gpu.sh`` (it stops the runs cleanly and packs them).
 
 Each configuration runs in its own ``lptfl run`` process into ``<out>/<config>[-s<seed>]/`` with a
-checkpoint every round (:mod:`lptfl.grid`). Finished runs (summary.json with all rounds) are
+checkpoint every round (:mod:`lptfl.sim.grid`). Finished runs (summary.json with all rounds) are
 skipped; a run with a checkpoint continues with ``--resume``; ``--parallel N`` advances N runs
 together, and ``--turn_rounds K`` lets more runs than processes take turns of K rounds (three runs
 on two cores: ``--parallel 2 --turn_rounds 5``, one process per core). Each process gets
@@ -27,7 +27,7 @@ import logging
 from pathlib import Path
 
 from lptfl.experiment.results import LAST_ROUNDS
-from lptfl.grid import GridRun, archive, run_grid
+from lptfl.sim.grid import GridRun, archive, run_grid
 from lptfl.report import (
     describe,
     margin_verdicts,
@@ -203,7 +203,9 @@ def main() -> None:
             runs.append(GridRun(args.out / (name if seed == 0 else f"{name}-s{seed}"), tuple(flags)))
 
     def refresh() -> None:
-        present = [r.run_dir for r in runs if (r.run_dir / "metrics.jsonl").exists()]
+        """The table and curves of every run in --out, those of earlier invocations included."""
+        folders = {r.run_dir for r in runs} | ({d for d in args.out.iterdir() if d.is_dir()} if args.out.is_dir() else set())
+        present = sorted(d for d in folders if (d / "metrics.jsonl").exists())
         if present:
             write_table(args.out, present, args.alpha, args.rounds, args.model_width)
             plot_curves(present, args.out / "curves.png")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from lptfl.experiment.results import compare_rounds, read_metrics
-from lptfl.sim.checkpoint import CONFIG, load_checkpoint
+from lptfl.experiment.checkpoint import CONFIG, load_checkpoint
 
 
 def run_args(args: argparse.Namespace) -> list[str]:

@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from lptfl import __version__
-from lptfl.allocator import keep_freed_memory
+from lptfl.experiment.allocator import keep_freed_memory
 from lptfl.data import DatasetError
 from lptfl.experiment.config import (
+    CORE,
+    GROUPS,
+    OUTPUT,
     PUBLISHED_NO_OPS,
+    RELIABILITY,
     ConfigError,
     RunConfig,
     field_kind,
@@ -32,119 +36,7 @@ from lptfl.report import REPORT_FORMATS
 
 log = logging.getLogger("lptfl")
 
-_HELP = {
-    "dataset": "digits (embedded, default), mnist, fmnist, cifar10, cifar100, cinic10",
-    "data_path": "directory holding the dataset files (torchvision layout for MNIST/FMNIST)",
-    "download": "download missing dataset files from the official locations (checksummed)",
-    "no_verify": "load dataset files whose md5 differs from the published one (checked once per process)",
-    "batch_size": "local training batch size",
-    "test_batch_size": "evaluation batch size",
-    "lr": "client learning rate",
-    "lr_schedule": "client learning rate over the rounds (CosineAnnealingLR: cosine)",
-    "optimizer": "client optimizer: adam (the paper's), sgd (plain, as the published SGD) or sgd-momentum "
-                 "(momentum 0.9); the published spellings in any case",
-    "seed": "seed of every random draw (partition, sampling, rounding, initialisation)",
-    "weight_quantization_bits": "with --use_mixed_precision: word length of the weights",
-    "activation_quantization_bits": "with --use_mixed_precision: word length of activations and errors",
-    "grad_quantization_bits": "with --use_mixed_precision: word length of the gradients",
-    "alpha": "Dirichlet concentration of the class split",
-    "partition": "dirichlet (balanced, the paper's), dirichlet-plain, iid",
-    "model_name": "ConvNet, MLP, resnet8, resnet18",
-    "model_width": "ConvNet channels / MLP hidden units (0: the paper's 128)",
-    "c_rounds": "communication rounds",
-    "num_clients": "clients in the federation",
-    "frac": "fraction of clients sampled per round, in (0, 1]",
-    "epochs": "local epochs per round",
-    "use_quantization": "low-precision local training and communication",
-    "quantization_bits": "word length of weights, activations, gradients, errors (sign included)",
-    "block_dim": "exponent layout of weights and gradients: BC, B or tensor",
-    "small_block": "FC, Conv or None: which small tensors use one exponent",
-    "quant_type": "stochastic or nearest rounding",
-    "downlink": "the served model Q(wbar) sent to clients: nearest (rounded to nearest), stochastic (unbiased "
-                "rounding, seeded per round) or fp32 (unquantized, as the published code)",
-    "use_mixed_precision": "separate word lengths from --weight/activation/grad_quantization_bits",
-    "moving_average": "keep the server moving average and serve it (the paper's paradigm)",
-    "moving_weight": "lambda of the moving average",
-    "ma_start": "first round entering the moving average",
-    "aggregation_mode": "FL algorithm: fedavg, fedprox, fedbn (batch norm stays local), abavg (accuracy-weighted), "
-                        "fedgen (server feature generator), fedftg or fedtgp (server data-free fine-tuning)",
-    "fedgen_alpha": "FedGen: initial weight of the generated-label cross-entropy",
-    "fedgen_beta": "FedGen: initial weight of the KL to the generated features' predictions",
-    "fedgen_decay": "FedGen: per-round decay of both weights",
-    "fedgen_lr": "FedGen: generator (ensemble) learning rate",
-    "fedgen_batch_size": "FedGen: generated samples per step",
-    "fedgen_noise_dim": "FedGen: noise size",
-    "fedgen_hidden": "FedGen: generator hidden width",
-    "fedgen_steps": "FedGen: generator steps per round",
-    "fedgen_diversity": "FedGen: weight of the generator's diversity loss",
-    "fedftg_gen_lr": "FedFTG: generator learning rate (cosine over a round's iterations)",
-    "fedftg_lr": "FedFTG: server fine-tuning learning rate (cosine)",
-    "fedftg_iterations": "FedFTG: fine-tuning iterations per round",
-    "fedftg_gen_rounds": "FedFTG: generator steps per iteration",
-    "fedftg_distill_rounds": "FedFTG: distillation steps per iteration",
-    "fedftg_batch_size": "FedFTG: generated images per step",
-    "fedftg_noise_dim": "FedFTG: noise size",
-    "fedftg_hard_weight": "FedFTG: weight of the student-teacher discrepancy the generator maximises",
-    "fedftg_diversity": "FedFTG: weight of the generator's diversity loss",
-    "model_norm": "ConvNet normalisation: instancenorm, groupnorm, batchnorm, layernorm, none (empty: default)",
-    "lambda_fedprox": "FedProx mu: local loss + mu * ||w - w_global||^2",
-    "abavg_val_fraction": "ABAvg: fraction of the training set held out as server validation data",
-    "abavg_use_test_set": "ABAvg: weight clients by test-set accuracy (the published code) instead",
-    "server_optimizer": "none, fedavgm, fedadam, fedyogi: server step on the pseudo-gradient served - mean",
-    "server_lr": "server learning rate (0: 1 for fedavgm, 0.1 fedadam, 0.01 fedyogi)",
-    "server_momentum": "fedavgm momentum",
-    "server_beta1": "fedadam/fedyogi first-moment decay",
-    "server_beta2": "fedadam/fedyogi second-moment decay",
-    "server_tau": "fedadam/fedyogi adaptivity (0: 1e-9 fedadam, 1e-3 fedyogi)",
-    "aggregation_weighting": "uniform (published code) or samples (weighted by client data size)",
-    "client_state": "client optimizer state: auto, memory, disk (spilled under --out), none (fresh each round)",
-    "compile": "torch.compile the training step: auto (on for low precision), on, off",
-    "cohort": "train a round's clients together as one batched model (vmap): auto (on with CUDA), on, off; "
-              "configurations that cannot be batched (batch norm, FedGen, SGD) train one client at a time",
-    "cohort_size": "clients per batched step (0: all of a round's clients); lower it when memory is short",
-    "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs: fewer launches per step), "
-                    "max-autotune, max-autotune-no-cudagraphs",
-    "compute": "auto, bf16 (exact bf16 products on a <=8-bit grid), fp32",
-    "eval_precision": "which of the served model's two scores (both kept: test_accuracy_fp32_act, "
-                      "test_accuracy_policy_act) is test_accuracy: paper (the published code's: fp32 activations "
-                      "with --moving_average, the run's activation format without), policy (the run's format) or "
-                      "full (fp32 activations); see docs/evaluation.md",
-    "eval_every": "score the served model every N rounds (and always in the last 5 rounds, the summary's window); "
-                  "the other rounds' test metrics are null",
-    "device": "cpu or cuda",
-    "compress": "zstd on the payloads (lossless)",
-    "log": "also send each round's metrics, the config and the curves to an experiment tracker: tensorboard "
-           "(event files in OUT/tensorboard; pip install 'lptfl[tensorboard]') or wandb (project lptfl; "
-           "WANDB_MODE=offline keeps it local; pip install 'lptfl[wandb]')",
-    "checkpoint_every": "write a crash-safe checkpoint every N rounds (and after the last); 0: none",
-    "dropout": "probability that a sampled client fails to reply (reproducible per seed, round, client)",
-    "min_clients": "skip a round (models unchanged, metrics skipped: true) with fewer accepted updates",
-    "max_update_norm": "reject an update farther than this (L2) from the served model; 0: no limit",
-    "robust": "none (running mean), median or trimmed_mean (coordinate-wise)",
-    "trim_fraction": "fraction trimmed at each end by --robust trimmed_mean, in [0, 0.5)",
-}
-
-
 _ARG_TYPES = {"int": int, "float": float, "str": str, "ints": int}
-
-# --help's groups of `lptfl run` (each setting in one; tests check that every setting is placed)
-CORE, PRECISION, ALGORITHMS, RELIABILITY, OUTPUT, PERFORMANCE = (
-    "the paper's core flags", "precision", "algorithms", "reliability", "output", "performance")
-_GROUPS: dict[str, tuple[str, ...]] = {
-    CORE: ("dataset", "data_path", "download", "alpha", "partition", "model_name", "model_width", "c_rounds",
-           "num_clients", "frac", "epochs", "batch_size", "test_batch_size", "lr", "lr_schedule", "optimizer", "seed",
-           "moving_average", "moving_weight", "ma_start"),
-    PRECISION: ("use_quantization", "quantization_bits", "block_dim", "small_block", "quant_type", "downlink",
-                "use_mixed_precision", "weight_quantization_bits", "activation_quantization_bits",
-                "grad_quantization_bits", "compute", "eval_precision"),
-    ALGORITHMS: ("aggregation_mode", "aggregation_weighting", "model_norm", "lambda_fedprox", "abavg_val_fraction",
-                 "abavg_use_test_set", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
-                 "server_beta2", "server_tau", *(f.name for f in fields(RunConfig) if f.name.startswith("fed"))),
-    RELIABILITY: ("no_verify", "checkpoint_every", "dropout", "min_clients", "max_update_norm", "robust",
-                  "trim_fraction"),
-    OUTPUT: ("eval_every", "log"),
-    PERFORMANCE: ("device", "compile", "compile_mode", "cohort", "cohort_size", "client_state", "compress"),
-}
 PUBLISHED_GROUP = "the published entry point's flags without effect here"
 
 
@@ -165,26 +57,25 @@ class _Parser(argparse.ArgumentParser):
 
 def _groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
     """The --help groups of ``parser``, in order, by title."""
-    return {title: parser.add_argument_group(title) for title in (*_GROUPS, PUBLISHED_GROUP)}
+    return {title: parser.add_argument_group(title) for title in (*GROUPS, PUBLISHED_GROUP)}
 
 
-def _add_setting_flags(groups: dict[str, argparse._ArgumentGroup], *, skip: tuple[str, ...] = ()) -> None:
-    """A flag per :class:`RunConfig` field in its group of ``groups`` (also under its published name;
-    ``--no-X`` for a boolean; a choice's values as its metavar), and the published entry point's
-    flags that change nothing here."""
-    group_of = {name: title for title, names in _GROUPS.items() for name in names}
+def _add_setting_flags(groups: dict[str, argparse._ArgumentGroup], driver: str, *, skip: tuple[str, ...] = ()) -> None:
+    """A flag per :class:`RunConfig` field that ``driver`` uses, in its group of ``groups`` (also under
+    its published name; ``--no-X`` for a boolean; a choice's values as its metavar), and the published
+    entry point's flags that change nothing here."""
     for f in fields(RunConfig):
-        if f.name in skip:
+        if f.name in skip or driver not in f.metadata["drivers"]:
             continue
-        group = groups[group_of[f.name]]
+        group, help_text = groups[f.metadata["group"]], f.metadata["help"]
         names = [f"--{f.name}", *([f"--{f.metadata['published']}"] if "published" in f.metadata else [])]
         if field_kind(f) == "bool":
-            group.add_argument(*names, action=argparse.BooleanOptionalAction, help=_HELP[f.name])
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             choices = f.metadata.get("choices")
             group.add_argument(*names, dest=f.name, type=_ARG_TYPES[field_kind(f)],
                                metavar="{" + ",".join(choices) + "}" if choices else None,
-                               help=f"{_HELP[f.name]} (default {f.default})")
+                               help=f"{help_text} (default {f.default})")
     for name, (kind, _, why) in PUBLISHED_NO_OPS.items():
         help_text = f"no effect here: {why}"
         if kind == "bool":
@@ -198,7 +89,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser("run", help="run a federated experiment", argument_default=argparse.SUPPRESS,
                             usage="%(prog)s [flags]  (grouped below; a boolean's --no-X turns it off)")
     groups = _groups(parser)
-    _add_setting_flags(groups)
+    _add_setting_flags(groups, "sim")
     groups[CORE].add_argument("--config", type=Path, help="TOML file, or JSON file (*.json, the published entry "
                                                           "point's format) of flag values (flags given here override it)")
     groups[OUTPUT].add_argument("--out", type=Path, help="output directory (default runs/<dataset>-<time>)")
@@ -272,7 +163,7 @@ def _command_run(args: argparse.Namespace) -> int:
     resume = getattr(args, "resume", None)
     out = getattr(args, "out", None)
     if resume is not None:
-        from lptfl.sim.checkpoint import resume_config
+        from lptfl.experiment.checkpoint import resume_config
 
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise ValueError(f"--out {out} and --resume {resume} name different directories")
@@ -378,8 +269,7 @@ def _flower_local_parser(sub: argparse._SubParsersAction) -> None:
     groups[OUTPUT].add_argument("--overwrite", action=argparse.BooleanOptionalAction,
                                 help="replace the results already in --out")
     groups[OUTPUT].add_argument("--quiet", action=argparse.BooleanOptionalAction, help="warnings only")
-    # num_clients is --supernodes; checkpoints and simulated dropout are simulator-only
-    _add_setting_flags(groups, skip=("num_clients", "checkpoint_every", "dropout"))
+    _add_setting_flags(groups, "flower", skip=("num_clients",))  # num_clients is --supernodes
 
 
 def _command_flower_local(args: argparse.Namespace) -> int:
@@ -389,7 +279,7 @@ def _command_flower_local(args: argparse.Namespace) -> int:
     from lptfl.flower.config import FlowerOptions
     from lptfl.flower.local import FlowerRunError, local_security, run_local
     from lptfl.experiment.setup import check_device
-    from lptfl.sim.checkpoint import CONFIG, write_config
+    from lptfl.experiment.checkpoint import CONFIG, write_config
     from lptfl.sim.runner import prepare_output
 
     config = replace(config_from_args(args), num_clients=args.supernodes)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from lptfl.fl.algorithms import proximal_regularizer
 from lptfl.fl.client import LocalTrainer
 from lptfl.fl.client_state import ClientStateStore
-from lptfl.fl.cohort import ADAM_STATE_NAMES, CohortClient, CohortTrainer, cohort_unsupported
+from lptfl.fl.cohort import CohortClient, CohortTrainer, cohort_unsupported
 from lptfl.models import MLP, ConvNet, resnet8
 from lptfl.quant import BFPFormat, PrecisionPolicy
 from lptfl.quant.quantize import quantize_with_key
@@ -82,9 +82,11 @@ def test_fp32_updates_equal_the_sequential_ones(model_name):
             assert relative_update_difference(ours.state, theirs.state, start) <= 1e-5
             assert ours.steps == theirs.steps and ours.num_samples == theirs.num_samples
             assert ours.loss == pytest.approx(theirs.loss, rel=1e-6)
-        flat, steps = cohort[1][k].optimizer_state
-        np.testing.assert_allclose(flat, seq[k][1][0], rtol=1e-4, atol=1e-9)
-        np.testing.assert_array_equal(steps, seq[k][1][1])
+        ours, theirs = cohort[1][k].optimizer_state, seq[k][1]
+        assert sorted(ours) == sorted(theirs) == ["exp_avg", "exp_avg_sq", "step"]
+        for name in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-9)
+        np.testing.assert_array_equal(ours["step"], theirs["step"])
 
 
 def test_compiled_cohort_pads_to_one_shape_and_matches_the_sequential_updates():
@@ -132,8 +134,9 @@ def test_a_client_is_trained_the_same_alone_or_beside_others():
     assert together[0].result.steps == 2 and together[1].result.steps == 5
     for name in alone[0].result.state:
         assert torch.equal(together[0].result.state[name], alone[0].result.state[name])
-    np.testing.assert_array_equal(together[0].optimizer_state[0], alone[0].optimizer_state[0])
-    np.testing.assert_array_equal(together[0].optimizer_state[1], np.full(6, 2.0))
+    for name in ("exp_avg", "exp_avg_sq"):
+        np.testing.assert_array_equal(together[0].optimizer_state[name], alone[0].optimizer_state[name])
+    np.testing.assert_array_equal(together[0].optimizer_state["step"], np.full(6, 2.0))
 
 
 def test_fedprox_term_matches_the_sequential_regularizer():
@@ -151,13 +154,12 @@ def test_cohort_state_goes_through_the_client_store_as_the_sequential_one():
     trainer, start, data = setup(MLP(1, 10, 8, hidden=16), POLICIES["q8"], [12])
     done = batched(trainer, start, data, rounds=1)[0][0]
     store = ClientStateStore()
-    store.save_arrays(3, ADAM_STATE_NAMES, *done.optimizer_state)
+    store.save_arrays(3, done.optimizer_state)
     store.load(3, trainer.inner)
     params = list(trainer.model.parameters())
     assert float(trainer.inner.state[params[0]]["step"]) == 2.0
-    flat, _ = done.optimizer_state
     np.testing.assert_array_equal(trainer.inner.state[params[0]]["exp_avg"].reshape(-1).numpy(),
-                                  flat[: params[0].numel()])
+                                  done.optimizer_state["exp_avg"][: params[0].numel()])
 
 
 def test_configurations_that_cannot_be_batched_say_why():

@@ -4,15 +4,13 @@ strategy over an in-process Grid that runs the real ClientApp handlers, and bad 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytest.importorskip("flwr")
-
-from flwr.app import (  # noqa: E402
+from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
@@ -21,24 +19,24 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp import Grid  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
-from lptfl.codec import PayloadError  # noqa: E402
-from lptfl.experiment.config import RunConfig  # noqa: E402
-from lptfl.experiment.results import read_metrics  # noqa: E402
-from lptfl.flower import client_app  # noqa: E402
-from lptfl.flower.local_state import LOCAL_STATE  # noqa: E402
-from lptfl.flower.optimizer_state import OPTIMIZER_STATE  # noqa: E402
-from lptfl.flower.config import (  # noqa: E402
+from lptfl.codec import PayloadError
+from lptfl.experiment.config import RunConfig
+from lptfl.experiment.results import read_metrics
+from lptfl.flower import client_app
+from lptfl.flower.local_state import LOCAL_STATE
+from lptfl.flower.optimizer_state import OPTIMIZER_STATE
+from lptfl.flower.config import (
     FlowerOptions,
     default_app_config,
     from_flower_config,
     to_flower_config,
 )
-from lptfl.flower.payload import from_record, to_record  # noqa: E402
-from lptfl.flower.partitions import PartitionMap  # noqa: E402
-from lptfl.flower.server_app import FlowerRun  # noqa: E402
+from lptfl.flower.payload import from_record, to_record
+from lptfl.flower.partitions import PartitionMap
+from lptfl.flower.server_app import FlowerRun
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,7 +51,7 @@ def task_identity():
 
 
 def small_config(**overrides) -> RunConfig:
-    values = dict(dataset="digits", model_width=8, c_rounds=2, num_clients=2, frac=1.0, batch_size=128, compile="off")
+    values = dict(dataset="digits", model_width=8, c_rounds=2, num_clients=2, frac=1.0, batch_size=128)
     values.update(overrides)
     return RunConfig(**values)
 
@@ -212,7 +210,7 @@ def test_too_few_good_replies_keep_the_old_model(tmp_path):
 
     grid = InProcessGrid(config, nodes=2, tamper={101: error_reply})
     run = FlowerRun(config, FlowerOptions(out_dir=str(tmp_path), min_nodes=2))
-    before = {k: v.clone() for k, v in run.initial.to_torch_state_dict().items()}
+    before = {k: v.clone() for k, v in run.initial.items()}
     run.run(grid)
     (r,) = read_metrics(tmp_path)
     assert r["skipped"] and r["accepted"] == 1 and r["errors"] == 1 and r["failed"] == 1
@@ -224,7 +222,7 @@ def test_too_few_good_replies_keep_the_old_model(tmp_path):
 def sent_train_messages(run: FlowerRun, grid: InProcessGrid) -> list[Message]:
     """The strategy's round-1 train messages, with the ids a SuperLink would give them."""
     run.strategy.assign(PartitionMap(node_of={i: n for i, n in enumerate(grid.contexts)}, count=len(grid.contexts)))
-    messages = list(run.strategy.configure_train(1, run.initial, ConfigRecord(), grid))
+    messages = list(run.strategy.configure_train(1, ArrayRecord(run.initial), ConfigRecord(), grid))
     for m in messages:
         m.metadata.__dict__["_message_id"] = m.object_id
     return messages
@@ -265,7 +263,7 @@ def test_strategy_rejects_malformed_replies_without_touching_the_model():
     assert (metrics["accepted"], metrics["rejected"], metrics["failed"], metrics["skipped"]) == (0, 6, 2, 1)
     assert run.server.round == 1
     after = run.server.served_state()
-    before = run.initial.to_torch_state_dict()
+    before = run.initial
     assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
 
 
@@ -279,11 +277,24 @@ def split_clients_of(config: RunConfig, parts: int):
     return split_clients(replace(config, num_clients=parts), data.train_y.numpy())[0]
 
 
+def test_client_app_compiles_where_the_simulator_would(monkeypatch):
+    """``--compile auto`` means the same in the ClientApp as in the simulator: on a CPU a short run
+    trains eagerly, a long one (~8,000 local steps) compiles the training step."""
+    seen = []
+    monkeypatch.setattr(client_app, "train_low_precision", lambda *args, compile, **kwargs: seen.append(compile))
+    for rounds in (2, 500):
+        config = small_config(c_rounds=rounds, use_quantization=True)
+        grid = InProcessGrid(config, nodes=2)
+        run = FlowerRun(config, FlowerOptions())
+        client_app.train(sent_train_messages(run, grid)[0], grid.contexts[100])
+        assert seen[-1] == run.plan.train == (rounds == 500)
+
+
 @pytest.mark.parametrize("low_precision", [False, True], ids=["fp32", "8bit-ma"])
 def test_parity_with_the_simulator(tmp_path, low_precision):
-    """Same config, same seeds: the Flower driver (in-process grid) reproduces ``lptfl run``'s
-    rounds: sampled clients, accuracy, losses and payload bytes. The fp32 case samples 2 of 3
-    clients per round (``--frac`` < 1: the server asks the nodes for their partitions)."""
+    """Same config, same seeds, the default ``--compile``: the Flower driver (in-process grid)
+    reproduces ``lptfl run``'s rounds: sampled clients, accuracy, losses and payload bytes. The fp32
+    case samples 2 of 3 clients per round (``--frac`` < 1: the server asks the nodes for their partitions)."""
     from lptfl.sim.engine import Simulation
 
     extra = dict(use_quantization=True, quantization_bits=8, moving_average=True) if low_precision else {}
@@ -383,3 +394,36 @@ def test_bad_label_counts_are_rejected_without_touching_the_model():
     _, metrics = run.strategy.aggregate_train(1, replies)
     assert metrics["accepted"] == 0 and metrics["rejected"] == 4 and metrics["skipped"] == 1
     assert all("label-counts" in o.reason for o in run.strategy.last_round.outcomes)
+
+
+@pytest.mark.parametrize("extra", [dict(use_quantization=True, moving_average=True),
+                                   dict(aggregation_mode="fedgen")], ids=["8bit-ma", "fedgen"])
+def test_restarted_server_app_resumes_from_its_checkpoint(tmp_path, extra):
+    """A ServerApp restarted with the same out-dir (the nodes kept their Context.state) continues from
+    its checkpoint: the run's rounds 3-4 are those of an uninterrupted run, and the files are one run's."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    config = small_config(c_rounds=4, num_clients=3, frac=0.67, **extra)
+    FlowerRun(config, FlowerOptions(out_dir=str(whole), min_nodes=3)).run(InProcessGrid(config, nodes=3))
+    grid = InProcessGrid(config, nodes=3)
+    FlowerRun(replace(config, c_rounds=2), FlowerOptions(out_dir=str(parts), min_nodes=3)).run(grid)
+    with (parts / "metrics.jsonl").open("a") as handle:  # a round written after the last checkpoint
+        handle.write(json.dumps({"round": 3}) + "\n")
+    run = FlowerRun(config, FlowerOptions(out_dir=str(parts), min_nodes=3))
+    run.run(grid)
+    assert run.strategy.rounds_done == 2
+    want, got = read_metrics(whole), read_metrics(parts)
+    assert [m["round"] for m in got] == [1, 2, 3, 4]
+    for a, b in zip(want, got, strict=True):
+        for key in ("clients", "bytes_up_per_client", "bytes_down", "test_accuracy", "test_loss", "train_loss", "lr"):
+            assert a[key] == b[key], (a["round"], key)
+    assert json.loads((parts / "summary.json").read_text())["rounds"] == 4
+
+
+def test_server_app_starts_anew_over_a_run_of_other_settings(tmp_path):
+    config = small_config(c_rounds=2)
+    FlowerRun(config, FlowerOptions(out_dir=str(tmp_path), min_nodes=2)).run(InProcessGrid(config, nodes=2))
+    other = replace(config, c_rounds=3, seed=5)
+    run = FlowerRun(other, FlowerOptions(out_dir=str(tmp_path), min_nodes=2))
+    run.run(InProcessGrid(other, nodes=2))
+    assert run.strategy.rounds_done == 0
+    assert [m["round"] for m in read_metrics(tmp_path)] == [1, 2, 3]

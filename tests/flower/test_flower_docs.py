@@ -12,12 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("flwr")
-pytest.importorskip("sklearn")
-
-from _loopback_grid import LoopbackGrid  # noqa: E402
-from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from _loopback_grid import LoopbackGrid
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "flower-app"

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("flwr")
-
-from lptfl.experiment.results import read_metrics  # noqa: E402
-from lptfl.flower.local import (  # noqa: E402
+from lptfl.experiment.results import read_metrics
+from lptfl.flower.local import (
     FEDERATION,
     LocalFederation,
     _signal_group,
@@ -59,7 +57,6 @@ def _run_status(env: dict, cwd: Path, connection: str, run_id: str) -> dict:
 @pytest.mark.slow
 def test_simulation_engine_two_rounds(tmp_path: Path):
     """``flwr run . local-sim`` on the Simulation Engine with 2 simulated SuperNodes."""
-    pytest.importorskip("ray")
     home, out = tmp_path / "home", tmp_path / "out"
     home.mkdir()
     env = flower_env(home, processes=2)
@@ -110,7 +107,8 @@ def test_simulation_engine_two_rounds(tmp_path: Path):
     for r in rounds:
         assert r["clients"] == [0, 1] and r["accepted"] == 2  # partition-id 0 and 1 from the simulation
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
-    assert rounds[-1]["test_accuracy"] > 0.1
+    first, last = rounds
+    assert last["test_loss"] < first["test_loss"] and last["test_accuracy"] > first["test_accuracy"], rounds
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
 
 

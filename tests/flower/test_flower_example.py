@@ -9,12 +9,7 @@ import os
 import time
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("flwr")
-pytest.importorskip("sklearn")
-
-from lptfl.flower.local import LocalFederation  # noqa: E402
+from lptfl.flower.local import LocalFederation
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower-app"
 

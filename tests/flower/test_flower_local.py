@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("flwr")
-
-from lptfl.experiment.results import read_metrics  # noqa: E402
+from lptfl.experiment.results import read_metrics
 
 SMALL = ["--dataset", "digits", "--model_width", "16", "--frac", "1.0", "--batch_size", "64", "--compile", "off"]
 
@@ -67,7 +65,8 @@ def test_flower_local_two_rounds(tmp_path: Path, insecure: bool):
         assert r["accepted"] == 2 and r["rejected"] == 0 and not r["skipped"]
         assert r["clients"] == [0, 1]
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and len(r["bytes_up_per_client"]) == 2
-    assert rounds[-1]["test_accuracy"] > 0.1
+    first, last = rounds
+    assert last["test_loss"] < first["test_loss"] and last["test_accuracy"] > first["test_accuracy"], rounds
     assert [r["state_restored"] for r in rounds] == [0, 2]  # optimizer state kept on the SuperNodes
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["driver"] == "flower"
@@ -118,7 +117,8 @@ def test_killed_supernode_is_counted_and_the_run_completes(tmp_path: Path):
 
     out = tmp_path / "out"
     config = RunConfig(dataset="digits", model_width=16, frac=1.0, batch_size=64, compile="off", c_rounds=2, num_clients=2)
-    options = FlowerOptions(out_dir=str(out), min_nodes=2, round_timeout=20)
+    # round 1 starts each ClientApp process cold (torch, data): on 2 loaded cores 20 s was too short
+    options = FlowerOptions(out_dir=str(out), min_nodes=2, round_timeout=60)
     with LocalFederation(2, home=tmp_path / "home") as federation:
         run_id = federation.submit(write_app(federation.home / "app", to_flower_config(config, options)))
         deadline = time.monotonic() + 300
@@ -144,17 +144,16 @@ def test_interrupt_stops_every_process(tmp_path: Path, sig: str):
     """Ctrl-C (or SIGTERM) while the federation runs: the command stops all it started."""
     import signal
 
-    home = tmp_path / "home"
-    args = ["--supernodes", "2", "--rounds", "5", "--out", str(tmp_path / "out"), "--flwr-home", str(home), *SMALL]
+    home, metrics = tmp_path / "home", tmp_path / "out" / "metrics.jsonl"
+    args = ["--supernodes", "2", "--rounds", "5", "--out", str(metrics.parent), "--flwr-home", str(home), *SMALL]
     proc = subprocess.Popen([sys.executable, "-m", "lptfl", "flower-local", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not list(home.glob("overrides-*.toml")) and not (home / "app").exists():
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and b"\n" in metrics.read_bytes()):  # round 1 done: every kind of process is up
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the federation did not start"
+            assert time.monotonic() < deadline, "the federation did not finish round 1"
             time.sleep(0.2)
-        time.sleep(2)
         assert flower_pids(home), "no flower process was running"
         proc.send_signal(getattr(signal, sig))
         _, err = proc.communicate(timeout=150)

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("flwr")
-
-from lptfl.experiment.config import RunConfig  # noqa: E402
-from lptfl.experiment.results import read_metrics  # noqa: E402
-from lptfl.flower.config import FlowerOptions, to_flower_config  # noqa: E402
-from lptfl.flower.local import CLIENT_APP, LocalFederation, write_app  # noqa: E402
+from lptfl.experiment.config import RunConfig
+from lptfl.experiment.results import read_metrics
+from lptfl.flower.config import FlowerOptions, to_flower_config
+from lptfl.flower.local import CLIENT_APP, LocalFederation, write_app
 
 # round r: the bad node's reply (partition 2 of 3) in the way CASES[r - 1] says
 CASES = ["nan-count", "huge-count", "wrong-partition", "fp32-upload", "nan-weights", "raises"]

@@ -126,7 +126,7 @@ def test_a_passing_check_keeps_the_compiled_step(monkeypatch):
 
 def test_inductor_8bit_evaluation_passes_the_engine_check_and_a_wrong_one_does_not():
     from lptfl.models import ConvNet
-    from lptfl.sim.engine import EVAL_TOLERANCE
+    from lptfl.experiment.evaluation import EVAL_TOLERANCE
 
     torch.manual_seed(0)
     model = ConvNet(1, 10, 28)

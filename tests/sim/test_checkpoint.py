@@ -13,9 +13,10 @@ import torch
 from lptfl.cli import main
 from lptfl.experiment import results
 from lptfl.experiment.config import RunConfig
-from lptfl.sim import checkpoint as ckpt
+from lptfl.experiment.run_dir import OutputExistsError, RunDirectory, atomic_write
+from lptfl.experiment import checkpoint as ckpt
 from lptfl.sim import runner
-from lptfl.sim.runner import OutputExistsError, prepare_output, run_experiment
+from lptfl.sim.runner import prepare_output, run_experiment
 
 ROUNDS = 6
 ARGS = ["--compile", "off", "--model_width", "8", "--c_rounds", str(ROUNDS), "--num_clients", "4", "--frac", "0.5",
@@ -66,16 +67,13 @@ def rounds_without_timings(run_dir):
 
 
 def assert_same_final_state(a, b):
+    """The two runs' checkpoints hold the same round, clients and tensors (server, algorithm, store)."""
     left, right = ckpt.load_checkpoint(a), ckpt.load_checkpoint(b)
-    assert left.round == right.round
-    for name, value in left.global_state.items():
-        assert torch.equal(value, right.global_state[name]), name
-    assert (left.average_state is None) == (right.average_state is None)
-    for name, value in (left.average_state or {}).items():
-        assert torch.equal(value, right.average_state[name]), name
-    assert sorted(left.client_memory) == sorted(right.client_memory)
-    for client, (flat, steps) in left.client_memory.items():
-        assert (flat == right.client_memory[client][0]).all() and (steps == right.client_memory[client][1]).all()
+    assert (left.round, left.clients) == (right.round, right.clients)
+    for part, state in left.state.items():
+        assert sorted(state) == sorted(right.state[part]), part
+        for name, value in state.items():
+            assert torch.equal(value, right.state[part][name]), (part, name)
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +150,11 @@ def test_crash_between_metrics_and_checkpoint_reruns_the_round(tmp_path, monkeyp
     run_experiment(config, crashed, progress=False, resume=True)
     assert rounds_without_timings(crashed) == rounds_without_timings(tmp_path / "reference")
     final, reference = ckpt.load_checkpoint(crashed), ckpt.load_checkpoint(tmp_path / "reference")
-    for name, value in reference.global_state.items():
-        assert torch.equal(final.global_state[name], value)
-        assert torch.equal(final.average_state[name], reference.average_state[name])
-    assert final.client_mode == "disk" and final.clients == sorted(reference.client_memory)
+    assert any(name.startswith("average.") for name in reference.state["server"])
+    for name, value in reference.state["server"].items():
+        assert torch.equal(final.state["server"][name], value), name
+    assert final.client_mode == "disk" and final.clients == reference.clients == [0, 1, 2]
+    assert reference.client_mode == "memory" and not final.state["store"]
     snapshots = list(crashed.glob(ckpt.SNAPSHOT_PREFIX + "*"))
     assert len(snapshots) == 1 and snapshots[0].name == final.snapshot
 
@@ -254,25 +253,30 @@ def test_a_started_run_is_not_overwritten_silently(tmp_path):
 
 
 def test_checkpoint_files_are_safe_and_atomic(tmp_path):
-    ckpt.atomic_write(tmp_path / "x.bin", b"old")
-    ckpt.atomic_write(tmp_path / "x.bin", b"new")
+    atomic_write(tmp_path / "x.bin", b"old")
+    atomic_write(tmp_path / "x.bin", b"new")
     assert (tmp_path / "x.bin").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
     (tmp_path / ckpt.CHECKPOINT).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load_checkpoint(tmp_path)
+    run = RunDirectory(tmp_path)
     (tmp_path / "metrics.jsonl").write_bytes(b'{"round": 1}\n{"round": 2}\n{"rou')
-    ckpt.truncate_metrics(tmp_path, 1)
+    run.truncate_metrics(1)
     assert (tmp_path / "metrics.jsonl").read_bytes() == b'{"round": 1}\n'
-    with pytest.raises(ckpt.CheckpointError):
-        ckpt.truncate_metrics(tmp_path, 3)
+    with pytest.raises(ckpt.CheckpointError, match="has 1 complete lines; the checkpoint counts 3"):
+        run.truncate_metrics(3)
+    run.write_summary({"rounds": 1})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"rounds": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "metrics.jsonl", "summary.json",
+                                                          "x.bin"]
 
 
 def test_algorithm_state_survives_a_checkpoint(tmp_path):
     """Server-optimizer momentum and FedBN's per-client state are part of the checkpoint."""
     from lptfl.experiment.config import RunConfig
-    from lptfl.sim.checkpoint import (
+    from lptfl.experiment.checkpoint import (
         load_checkpoint,
-        restore_simulation,
+        restore_run,
         save_checkpoint,
     )
     from lptfl.sim.engine import Simulation
@@ -281,16 +285,27 @@ def test_algorithm_state_survives_a_checkpoint(tmp_path):
     torch.set_num_threads(1)
     try:
         config = RunConfig(c_rounds=2, compile="off", model_width=8, num_clients=3, frac=1.0,
+                           aggregation_mode="fedbn", model_norm="batchnorm",
                            server_optimizer="fedavgm", server_momentum=0.9)
         straight = Simulation(config)
         straight.run_round()
         save_checkpoint(tmp_path, straight, metrics_lines=1)
-        straight.run_round()
-        resumed = Simulation(config)
-        restore_simulation(resumed, load_checkpoint(tmp_path))
-        resumed.run_round()
+        expected = straight.run_round()
+        resumed = Simulation(config)  # a fresh object: every client's batch norm comes from the checkpoint
+        restore_run(resumed, load_checkpoint(tmp_path))
+        got = resumed.run_round()
+        assert got.vote_accuracy is not None
+        assert (got.test_loss, got.vote_accuracy) == (expected.test_loss, expected.vote_accuracy)
         for name, value in straight.server.global_state.items():
             assert torch.equal(value, resumed.server.global_state[name]), name
+        state = resumed.algorithm.state_dict()
+        assert {k.split(".")[0] for k in state} == {"bn"}
+        for name, value in straight.algorithm.state_dict().items():
+            assert torch.equal(value, state[name]), name
+        server = resumed.server.state_dict()  # the server optimizer's momentum is the server's
+        assert any(name.startswith("optimizer.m.") for name in server)
+        for name, value in straight.server.state_dict().items():
+            assert torch.equal(value, server[name]), name
     finally:
         torch.set_num_threads(threads)
 

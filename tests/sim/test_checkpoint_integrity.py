@@ -10,7 +10,7 @@ import pytest
 from test_cli_input import TINY, folder_hashes, rewrite_checkpoint_metadata, run_cli
 
 from lptfl.cli import main
-from lptfl.sim import checkpoint as ckpt
+from lptfl.experiment import checkpoint as ckpt
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def refused(capsys, run_dir: Path) -> str:
 def test_flipped_low_bits_of_a_weight_are_refused_naming_file_and_tensor(paused_disk_run, capsys):
     path = paused_disk_run / ckpt.CHECKPOINT
     tensor = next(name for name, entry in header(path)[1].items()
-                  if name.startswith("global.") and entry["dtype"] == "F32" and "weight" in name)
+                  if name.startswith("server.global.") and entry["dtype"] == "F32" and "weight" in name)
     flip_low_bits(path, tensor, 20)
     err = refused(capsys, paused_disk_run)
     assert err == (f"lptfl: error: {path}: tensor {tensor!r} fails its checksum (the file is corrupted); "
@@ -61,7 +61,7 @@ def test_client_state_tensors_are_checksummed_too(tmp_path, capsys):
     assert main(["run", *TINY, "--c_rounds", "2", "--stop_after", "1", "--client_state", "memory",
                  "--out", str(run_dir)]) == 0
     path = run_dir / ckpt.CHECKPOINT
-    tensor = next(name for name in header(path)[1] if name.endswith(".flat"))
+    tensor = next(name for name in header(path)[1] if name.startswith("store.") and name.endswith(".exp_avg"))
     flip_low_bits(path, tensor, 1)
     assert f"tensor {tensor!r} fails its checksum" in refused(capsys, run_dir)
 
@@ -71,13 +71,11 @@ def test_edited_metadata_fails_its_checksum(paused_disk_run, capsys):
     assert "its metadata fails its checksum (the file is corrupted)" in refused(capsys, paused_disk_run)
 
 
-def test_a_checkpoint_from_before_checksums_says_so(paused_disk_run, capsys):
-    def as_version_1(meta):
-        meta["version"] = 1
-        del meta["tensors"], meta["checksum"]
-
-    rewrite_checkpoint_metadata(paused_disk_run, as_version_1, reseal=False)
-    assert "predates checkpoint checksums (format v1" in refused(capsys, paused_disk_run)
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_checkpoint_of_an_older_format_says_so_in_one_line(paused_disk_run, capsys, version):
+    rewrite_checkpoint_metadata(paused_disk_run, lambda meta: meta.update(version=version))
+    assert (f"was written by an older lptfl (checkpoint format v{version}, this lptfl reads v3); start the run again "
+            "with --overwrite") in refused(capsys, paused_disk_run)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -88,8 +86,9 @@ def test_a_checkpoint_from_before_checksums_says_so(paused_disk_run, capsys):
     (dict(client_mode="cloud"), "client_mode is 'cloud', expected one of none, memory, disk"),
     (dict(clients=[0, -3]), "clients is [0, -3], expected a list of client indices"),
     (dict(snapshot="../../elsewhere"), "snapshot is '../../elsewhere', expected a folder checkpoint-client_state-"),
-    (dict(round=1), "records round 1 but the 2 lines of metrics.jsonl it counts end with round 2"),
-    (dict(round=3, metrics_lines=3), "has 2 complete lines; the checkpoint counts 3"),
+    (dict(round=1), "round is 1, its server state's round is 2"),
+    (dict(metrics_lines=1), "records round 2 but the 1 lines of metrics.jsonl it counts end with round 1"),
+    (dict(metrics_lines=3), "has 2 complete lines; the checkpoint counts 3"),
 ])
 def test_out_of_range_metadata_is_refused(paused_disk_run, capsys, change, message):
     rewrite_checkpoint_metadata(paused_disk_run, lambda meta: meta.update(change))

@@ -6,7 +6,6 @@ from dataclasses import fields
 
 import pytest
 
-from lptfl import cli
 from lptfl.cli import build_parser, main
 from lptfl.experiment.config import PUBLISHED_NO_OPS, RunConfig
 
@@ -23,9 +22,15 @@ def flags_by_group(parser: argparse.ArgumentParser) -> dict[str, list[argparse.A
     return {group.title: group._group_actions for group in parser._action_groups}
 
 
-def test_every_setting_sits_in_exactly_one_group():
-    placed = [name for names in cli._GROUPS.values() for name in names]
-    assert sorted(placed) == sorted(f.name for f in fields(RunConfig))
+def test_each_command_shows_the_settings_of_its_driver_in_their_groups():
+    for command, driver, skipped in [("run", "sim", set()), ("flower-local", "flower", {"num_clients"})]:
+        groups = flags_by_group(subparser(command))
+        shown = {a.dest: title for title, actions in groups.items() for a in actions}
+        expected = {f.name: f.metadata["group"] for f in fields(RunConfig) if driver in f.metadata["drivers"]}
+        assert {k: v for k, v in shown.items() if k in RunConfig.__dataclass_fields__} == {
+            k: v for k, v in expected.items() if k not in skipped}, command
+    assert {"dropout", "log", "cohort"} <= set(RunConfig.__dataclass_fields__) - {
+        a.dest for a in subparser("flower-local")._actions}
 
 
 @pytest.mark.parametrize("command", ["run", "flower-local"])

@@ -12,7 +12,7 @@ import torch
 
 from lptfl.cli import build_parser, config_from_args, main
 from lptfl.experiment.config import PUBLISHED_NO_OPS, RunConfig, field_kind
-from lptfl.sim import checkpoint as ckpt
+from lptfl.experiment import checkpoint as ckpt
 from lptfl.sim import runner
 
 TINY = ["--num_clients", "2", "--model_width", "4", "--compile", "off", "--quiet"]

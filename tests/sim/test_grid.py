@@ -1,4 +1,4 @@
-"""Resumable run grids (lptfl.grid)."""
+"""Resumable run grids (lptfl.sim.grid)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from lptfl.grid import GridRun, archive, rounds_done, run_command, run_grid
-from lptfl.sim.checkpoint import load_checkpoint
+from lptfl.sim.grid import GridRun, archive, rounds_done, run_command, run_grid
+from lptfl.experiment.checkpoint import load_checkpoint
 
 TINY = ("--model_width", "4", "--num_clients", "4", "--frac", "0.5", "--compile", "off")
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import platform
+from pathlib import Path
 
 import torch
 
 from lptfl.experiment.results import cpu_model, machine
-from lptfl.quant.compute import fast_bf16_available
 
 
 def test_cpu_model_reads_the_model_name_line(tmp_path):
@@ -23,8 +24,22 @@ def test_cpu_model_falls_back_without_a_model_name(tmp_path):
     assert cpu_model(tmp_path / "missing") == platform.processor()
 
 
-def test_machine_records_the_compute_path():
-    info = machine("cpu")
-    assert info["device"] == "cpu" and info["cpus"] >= 1
-    assert info["fast_bf16"] is fast_bf16_available("cpu")
-    assert info["processor"] == cpu_model() and info["torch_threads"] == torch.get_num_threads()
+def test_machine_records_where_a_cpu_run_ran():
+    """Each entry against what the machine says about itself, not against the functions ``machine``
+    calls: the thread count the test sets, and the CPU's model and bf16 flags from /proc/cpuinfo."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        info = machine("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    json.dumps(info)  # it goes into summary.json
+    assert info["device"] == "cpu" and "accelerator" not in info and info["torch_threads"] == 1
+    assert info["torch"] == torch.__version__ and info["platform"] == platform.platform()
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    fields = [line.partition(":") for line in cpuinfo]
+    names = [value.strip() for key, _, value in fields if key.strip() == "model name" and value.strip()]
+    flags = {flag for key, _, value in fields if key.strip() == "flags" for flag in value.split()}
+    assert info["processor"] == (names[0] if names else platform.processor())
+    assert info["cpus"] == sum(1 for key, _, _ in fields if key.strip() == "processor")
+    assert info["fast_bf16"] is bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -3,6 +3,8 @@
 import csv
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 from matplotlib.ticker import MaxNLocator
@@ -94,3 +96,24 @@ def test_flower_local_writes_config_json_and_removes_it_when_the_run_fails(tmp_p
     out = tmp_path / "flower"
     assert main(["flower-local", "--supernodes", "3", "--rounds", "1", "--out", str(out), "--quiet"]) == 1
     assert "simulated failure" in capsys.readouterr().err and not (out / "config.json").exists()
+
+
+def test_a_second_process_cannot_run_in_a_held_folder(tmp_path):
+    """Two runs writing into one folder would interleave their metrics lines: the second is refused."""
+    from lptfl.experiment.run_dir import OutputExistsError, RunDirectory
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from lptfl.experiment.run_dir import RunDirectory\n"
+        f"with RunDirectory({str(out)!r}).locked():\n"
+        "    print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputExistsError, match="in use by another lptfl process"):
+            with RunDirectory(out).locked():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunDirectory(out).locked():  # released when its holder ends
+        pass

@@ -72,7 +72,7 @@ def test_full_precision_evaluation_scores_the_same_training_without_activation_q
     runs = {}
     for precision in ("policy", "full"):
         sim = Simulation(RunConfig(c_rounds=1, use_quantization=True, eval_precision=precision, **FAST))
-        quantizers = sum(isinstance(m, Quantizer) for m in sim.eval_model.modules())
+        quantizers = sum(isinstance(m, Quantizer) for m in sim.scorer.model.modules())
         assert (quantizers > 0) == (precision == "policy")
         runs[precision] = sim.run_round()
     policy, full = runs["policy"], runs["full"]

@@ -13,10 +13,8 @@ from __future__ import annotations
 import torch
 
 from lptfl.quant.format import BFPFormat
-from lptfl.quant.quantize import block_exponent, quantize
+from lptfl.quant.quantize import block_exponent, pow2_normal, quantize, split_shift
 
-# Split a scale 2**k into two float32 factors that are both normal (as quantize does).
-_LOW_MIN, _LOW_MAX = -126, 100
 # Largest block exponent whose values always fit the dtype; above it we check for overflow.
 _SAFE_EXPONENT = {torch.float32: 126, torch.bfloat16: 126, torch.float16: 14}
 
@@ -26,22 +24,16 @@ def pow2_f32(k: torch.Tensor) -> torch.Tensor:
     return ((k.to(torch.int64) + 1023) << 52).view(torch.float64).to(torch.float32)
 
 
-def _pow2_normal(k: torch.Tensor) -> torch.Tensor:
-    """``2.0 ** k`` as float32 for int32 ``k`` in ``[-126, 127]``."""
-    return ((k + 127) << 23).view(torch.float32)
-
-
 def _scale(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``x * 2**k`` for float32 ``x`` and int32 ``k`` in ``[-252, 227]``, exact unless it underflows.
 
     The same two factors as :func:`~lptfl.quant.quantize.quantize` uses, so the products
     are bit-identical to its scaled values.
     """
-    low = k.clamp(_LOW_MIN, _LOW_MAX)
-    out = x * _pow2_normal(low)
-    high = k - low
+    low, high = split_shift(k)
+    out = x * pow2_normal(low)
     if bool((high != 0).any()):
-        out = out * _pow2_normal(high)
+        out = out * pow2_normal(high)
     return out
 
 

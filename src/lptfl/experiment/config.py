@@ -1,12 +1,15 @@
 """The configuration of one federated run, with the published entry point's flag names.
 
-Each setting is declared once, as a field of :class:`RunConfig` with its checks (:func:`setting`):
-its type (the annotation), an interval or a list of choices, and the published entry point's name
-where that differs. Every value that comes from outside (a TOML or JSON file, a run's saved
-``config.json``, a Flower run config) passes :meth:`RunConfig.from_dict`, which refuses unknown keys
-and values of another type (nothing is converted but an integer where a number belongs);
-:meth:`RunConfig.validate` checks the ranges. Both raise :class:`ConfigError`, which names the key,
-what was expected and the value given.
+Each setting is declared once, as a field of :class:`RunConfig` made by :func:`setting`, with all
+that is said of it: its type (the annotation), its help and ``--help`` group, an interval or a list
+of choices, the published entry point's name where that differs, whether it is part of the
+fingerprint, whether a resume may change it and which drivers use it. From that declaration come
+the command line (:mod:`lptfl.cli`), the checks, the fingerprint, the resume whitelist and the
+Flower app config (:mod:`lptfl.flower.config`). Every value that comes from outside (a TOML or
+JSON file, a run's saved ``config.json``, a Flower run config) passes :meth:`RunConfig.from_dict`,
+which refuses unknown keys and values of another type (nothing is converted but an integer where a
+number belongs); :meth:`RunConfig.validate` checks the ranges. Both raise :class:`ConfigError`,
+which names the key, what was expected and the value given.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from lptfl.fl.algorithms import AGGREGATION_MODES, MODE_ALIASES
 from lptfl.fl.client import OPTIMIZERS
 from lptfl.fl.fedftg import FedFTGConfig
 from lptfl.fl.fedgen import FedGenConfig
+from lptfl.fl.robust import ROBUST_MODES
 from lptfl.fl.server import WEIGHTINGS, ServerConfig
+from lptfl.fl.server_optim import SERVER_OPTIMIZERS
 from lptfl.models import MODELS
+from lptfl.models.convnet import NORMS
 from lptfl.quant import PrecisionPolicy
 from lptfl.quant.format import LAYOUTS, ROUNDINGS, SMALL_BLOCKS
 from lptfl.quant.policy import COMPUTE_MODES, DOWNLINK_MODES
@@ -45,28 +51,12 @@ TRACKERS = ("none", "tensorboard", "wandb")  # experiment trackers of lptfl.expe
 # is kernel launches; on a CPU the batched convolutions are slower than one client's at a time
 COHORT_MODES = ("auto", "on", "off")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
-ROBUST_MODES = ("none", "median", "trimmed_mean")
-MODEL_NORMS = ("", "instancenorm", "groupnorm", "batchnorm", "layernorm", "none")
+MODEL_NORMS = ("", *NORMS)  # "": the model's own
 # Which of the served model's two test scores (fp32 activations, the run's activation format; both
 # are kept every evaluated round) is `test_accuracy` / `test_loss`: "paper" (the published code's
 # protocol: fp32 activations with the moving average, the run's format without it), "policy" (the
 # run's format always; what every run before both scores were kept recorded) or "full" (fp32 always)
 EVAL_PRECISIONS = ("paper", "policy", "full")
-# What a saved config (config.json, summary.json) written before a setting existed had in effect,
-# where that differs from today's default: read such a file with these values underneath.
-SAVED_DEFAULTS = {"eval_precision": "policy"}
-# settings added after results were published: left out of the fingerprint at their default,
-# so the fingerprints of older runs stay valid (eval_precision: "policy" was the default before "paper")
-_FINGERPRINT_IF_SET = {"dropout": 0.0, "min_clients": 1, "max_update_norm": 0.0, "robust": "none", "trim_fraction": 0.1,
-                       "eval_precision": "policy", "downlink": "nearest"}
-_FINGERPRINT_IF_SET.update({  # FL algorithms (lptfl.fl.algorithms, lptfl.fl.server_optim)
-    "model_norm": "", "lambda_fedprox": 0.01, "abavg_val_fraction": 0.05, "abavg_use_test_set": False,
-    "server_optimizer": "none", "server_lr": 0.0, "server_momentum": 0.9, "server_beta1": 0.9,
-    "server_beta2": 0.99, "server_tau": 0.0,
-})
-_FINGERPRINT_IF_SET.update({f"fedgen_{k}": v for k, v in FedGenConfig().__dict__.items()})
-_FINGERPRINT_IF_SET.update({f"fedftg_{k}": v for k, v in FedFTGConfig().__dict__.items()})
 
 # Flags of the published entry point (its args.py) that change nothing here: name -> (type, its
 # default there, why). A value other than that default is accepted with a logged note.
@@ -95,6 +85,7 @@ PUBLISHED_DERIVED = ("config", "num_classes", "channel", "imsize")
 # a published setting whose null (the flag not given) has a name here
 _PUBLISHED_NULLS = {"lr_schedule": "none"}
 
+_NEVER = object()  # equal to no value
 _EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string"}
 _INTERVAL = re.compile(r"([\[(])(-?[\d.e+-]+), (-?[\d.e+-]+|inf)([\])])")
 
@@ -174,20 +165,44 @@ def _interval_words(kind: str, interval: str) -> str:
     return f"{noun} in {interval}"
 
 
-def setting(default: Any, *, within: str | None = None, choices: tuple[str, ...] | None = None,
-            aliases: dict[str, str] | None = None, published: str | None = None) -> Any:
-    """A :class:`RunConfig` field with its checks.
+# --help's groups of the settings, in order
+CORE, PRECISION, ALGORITHMS, RELIABILITY, OUTPUT, PERFORMANCE = GROUPS = (
+    "the paper's core flags", "precision", "algorithms", "reliability", "output", "performance")
+DRIVERS = ("sim", "flower")  # the simulator (lptfl run) and the Flower apps
+
+
+def setting(default: Any, group: str, help: str, *, within: str | None = None,
+            choices: tuple[str, ...] | None = None, aliases: dict[str, str] | None = None,
+            published: str | None = None, before: Any = None, resumable: bool = False,
+            drivers: tuple[str, ...] = DRIVERS) -> Any:
+    """A :class:`RunConfig` field with all that is said of it.
 
     Args:
         default: the value when none is given.
+        group: its ``--help`` group (one of :data:`GROUPS`).
+        help: its ``--help`` text.
         within: the interval a number must lie in, e.g. ``"(0, 1]"`` or ``"[1, inf)"``.
         choices: the values a string may take.
         aliases: other names of choices (the published code's spellings); with them the choices
             are matched regardless of case.
         published: the published entry point's name of this flag, where it differs.
+        before: for a setting added after results were published, the value runs had before it
+            existed: it is part of the fingerprint only when it differs from ``before`` (so older
+            runs keep their fingerprints; a new setting must say this), and a saved config without
+            it reads as ``before``. None: always part of the fingerprint.
+        resumable: it changes where or how fast a run computes, or what it records, never its
+            results: never part of the fingerprint, and a resume may change it.
+        drivers: the drivers that use it (:data:`DRIVERS`); only theirs show it (``lptfl run``,
+            ``lptfl flower-local``, the Flower app config).
     """
-    metadata = {"within": within, "choices": choices, "aliases": aliases, "published": published}
+    metadata = {"group": group, "help": help, "within": within, "choices": choices, "aliases": aliases,
+                "published": published, "before": before, "resumable": resumable or None, "drivers": drivers}
     return field(default=default, metadata={k: v for k, v in metadata.items() if v is not None})
+
+
+def added(default: Any, group: str, help: str, **checks: Any) -> Any:
+    """A :func:`setting` added after results were published, whose older runs ran at ``default``."""
+    return setting(default, group, help, before=default, **checks)
 
 
 def scored_activations(eval_precision: str, moving_average: bool) -> str:
@@ -203,84 +218,151 @@ def scored_activations(eval_precision: str, moving_average: bool) -> str:
 class RunConfig:
     """Every setting of a run. Field names are the command-line flags (``--c_rounds`` ...)."""
 
-    dataset: str = "digits"
-    data_path: str = "./data"
-    download: bool = False
-    no_verify: bool = setting(False)
-    alpha: float = setting(0.5, within="(0, inf)")
-    partition: str = setting("dirichlet", choices=PARTITIONS)
-    model_name: str = "ConvNet"
-    model_width: int = setting(0, within="[0, inf)")
-    c_rounds: int = setting(12, within="[1, inf)")
-    num_clients: int = setting(10, within="[1, inf)")
-    frac: float = setting(0.5, within="(0, 1]")
-    epochs: int = setting(1, within="[1, inf)")
-    batch_size: int = setting(32, within="[1, inf)")
-    test_batch_size: int = setting(1000, within="[1, inf)")
-    lr: float = setting(1e-3, within="(0, inf)")
-    lr_schedule: str = setting("none", choices=LR_SCHEDULES, aliases={"CosineAnnealingLR": "cosine"})
-    optimizer: str = setting("adam", choices=OPTIMIZERS, aliases={})
-    seed: int = 0
-    use_quantization: bool = False
-    quantization_bits: int = setting(8, within="[2, 16]")
-    block_dim: str = setting("BC", choices=LAYOUTS)
-    small_block: str = setting("FC", choices=SMALL_BLOCKS)
-    quant_type: str = setting("stochastic", choices=ROUNDINGS)
-    downlink: str = setting("nearest", choices=DOWNLINK_MODES)
-    use_mixed_precision: bool = False
-    weight_quantization_bits: int = setting(8, within="[2, 16]")
-    activation_quantization_bits: int = setting(8, within="[2, 16]")
-    grad_quantization_bits: int = setting(8, within="[2, 16]")
-    moving_average: bool = False
-    moving_weight: float = setting(0.9, within="[0, 1)")
-    ma_start: int = setting(1, within="[1, inf)")
-    aggregation_mode: str = setting("fedavg", choices=AGGREGATION_MODES, aliases=MODE_ALIASES)
-    aggregation_weighting: str = setting("uniform", choices=WEIGHTINGS)
-    client_state: str = setting("auto", choices=CLIENT_STATES)
-    compile: str = setting("auto", choices=COMPILE_MODES)
-    compile_mode: str = setting("default", choices=TORCH_COMPILE_MODES)
-    cohort: str = setting("auto", choices=COHORT_MODES)
-    cohort_size: int = setting(0, within="[0, inf)")
-    compute: str = setting("auto", choices=COMPUTE_MODES)
-    eval_precision: str = setting("paper", choices=EVAL_PRECISIONS)
-    eval_every: int = setting(1, within="[1, inf)")
-    log: str = setting("none", choices=TRACKERS)
-    device: str = "cpu"
-    compress: bool = False
-    checkpoint_every: int = setting(1, within="[0, inf)")
-    dropout: float = setting(0.0, within="[0, 1)")
-    min_clients: int = setting(1, within="[1, inf)")
-    max_update_norm: float = setting(0.0, within="[0, inf)")
-    robust: str = setting("none", choices=ROBUST_MODES)
-    trim_fraction: float = setting(0.1, within="[0, 0.5)")
-    model_norm: str = setting("", choices=MODEL_NORMS)
-    lambda_fedprox: float = setting(0.01, within="[0, inf)")
-    abavg_val_fraction: float = setting(0.05, within="(0, 1)")
-    abavg_use_test_set: bool = False
-    server_optimizer: str = setting("none", choices=SERVER_OPTIMIZERS)
-    server_lr: float = setting(0.0, within="[0, inf)")
-    server_momentum: float = setting(0.9, within="[0, 1)")
-    server_beta1: float = setting(0.9, within="[0, 1)")
-    server_beta2: float = setting(0.99, within="[0, 1)")
-    server_tau: float = setting(0.0, within="[0, inf)")
-    fedgen_alpha: float = setting(FedGenConfig.alpha, within="[0, inf)", published="generative_alpha")
-    fedgen_beta: float = setting(FedGenConfig.beta, within="[0, inf)", published="generative_beta")
-    fedgen_decay: float = setting(FedGenConfig.decay, within="(0, 1]", published="coef_decay")
-    fedgen_lr: float = setting(FedGenConfig.lr, within="(0, inf)", published="ensemble_lr")
-    fedgen_batch_size: int = setting(FedGenConfig.batch_size, within="[2, inf)", published="gen_batch_size")
-    fedgen_noise_dim: int = setting(FedGenConfig.noise_dim, within="[2, inf)", published="noise_dim")
-    fedgen_hidden: int = setting(FedGenConfig.hidden, within="[2, inf)", published="hidden_dim")
-    fedgen_steps: int = setting(FedGenConfig.steps, within="[0, inf)", published="train_generator_epoch")
-    fedgen_diversity: float = setting(FedGenConfig.diversity, within="[0, inf)", published="ensemble_eta")
-    fedftg_gen_lr: float = setting(FedFTGConfig.gen_lr, within="(0, inf)", published="g_lr")
-    fedftg_lr: float = setting(FedFTGConfig.lr, within="(0, inf)", published="s_lr")
-    fedftg_iterations: int = setting(FedFTGConfig.iterations, within="[0, inf)", published="tgp_iteration")
-    fedftg_gen_rounds: int = setting(FedFTGConfig.gen_rounds, within="[0, inf)", published="inner_round_g")
-    fedftg_distill_rounds: int = setting(FedFTGConfig.distill_rounds, within="[0, inf)", published="inner_round_d")
-    fedftg_batch_size: int = setting(FedFTGConfig.batch_size, within="[2, inf)")
-    fedftg_noise_dim: int = setting(FedFTGConfig.noise_dim, within="[2, inf)")
-    fedftg_hard_weight: float = setting(FedFTGConfig.hard_weight, within="[0, inf)")
-    fedftg_diversity: float = setting(FedFTGConfig.diversity, within="[0, inf)")
+    dataset: str = setting("digits", CORE, "digits (embedded, default), mnist, fmnist, cifar10, cifar100, cinic10")
+    data_path: str = setting("./data", CORE, "directory holding the dataset files (torchvision layout for "
+                             "MNIST/FMNIST)", resumable=True)
+    download: bool = setting(False, CORE, "download missing dataset files from the official locations "
+                             "(checksummed)", resumable=True)
+    no_verify: bool = setting(False, RELIABILITY, "load dataset files whose md5 differs from the published one "
+                              "(checked once per process)", resumable=True)
+    alpha: float = setting(0.5, CORE, "Dirichlet concentration of the class split", within="(0, inf)")
+    partition: str = setting("dirichlet", CORE, "dirichlet (balanced, the paper's), dirichlet-plain, iid",
+                             choices=PARTITIONS)
+    model_name: str = setting("ConvNet", CORE, "ConvNet, MLP, resnet8, resnet18")
+    model_width: int = setting(0, CORE, "ConvNet channels / MLP hidden units (0: the paper's 128)", within="[0, inf)")
+    c_rounds: int = setting(12, CORE, "communication rounds", within="[1, inf)")
+    num_clients: int = setting(10, CORE, "clients in the federation", within="[1, inf)")
+    frac: float = setting(0.5, CORE, "fraction of clients sampled per round, in (0, 1]", within="(0, 1]")
+    epochs: int = setting(1, CORE, "local epochs per round", within="[1, inf)")
+    batch_size: int = setting(32, CORE, "local training batch size", within="[1, inf)")
+    test_batch_size: int = setting(1000, CORE, "evaluation batch size", within="[1, inf)")
+    lr: float = setting(1e-3, CORE, "client learning rate", within="(0, inf)")
+    lr_schedule: str = setting("none", CORE, "client learning rate over the rounds (CosineAnnealingLR: cosine)",
+                               choices=LR_SCHEDULES, aliases={"CosineAnnealingLR": "cosine"})
+    optimizer: str = setting("adam", CORE, "client optimizer: adam (the paper's), sgd (plain, as the published "
+                             "SGD) or sgd-momentum (momentum 0.9); the published spellings in any case",
+                             choices=OPTIMIZERS, aliases={})
+    seed: int = setting(0, CORE, "seed of every random draw (partition, sampling, rounding, initialisation)")
+    use_quantization: bool = setting(False, PRECISION, "low-precision local training and communication")
+    quantization_bits: int = setting(8, PRECISION, "word length of weights, activations, gradients, errors "
+                                     "(sign included)", within="[2, 16]")
+    block_dim: str = setting("BC", PRECISION, "exponent layout of weights and gradients: BC, B or tensor",
+                             choices=LAYOUTS)
+    small_block: str = setting("FC", PRECISION, "FC, Conv or None: which small tensors use one exponent",
+                               choices=SMALL_BLOCKS)
+    quant_type: str = setting("stochastic", PRECISION, "stochastic or nearest rounding", choices=ROUNDINGS)
+    downlink: str = added("nearest", PRECISION, "the served model Q(wbar) sent to clients: nearest (rounded to "
+                          "nearest), stochastic (unbiased rounding, seeded per round) or fp32 (unquantized, as the "
+                          "published code)", choices=DOWNLINK_MODES)
+    use_mixed_precision: bool = setting(False, PRECISION, "separate word lengths from "
+                                        "--weight/activation/grad_quantization_bits")
+    weight_quantization_bits: int = setting(8, PRECISION, "with --use_mixed_precision: word length of the weights",
+                                            within="[2, 16]")
+    activation_quantization_bits: int = setting(8, PRECISION, "with --use_mixed_precision: word length of "
+                                                "activations and errors", within="[2, 16]")
+    grad_quantization_bits: int = setting(8, PRECISION, "with --use_mixed_precision: word length of the gradients",
+                                          within="[2, 16]")
+    moving_average: bool = setting(False, CORE, "keep the server moving average and serve it (the paper's paradigm)")
+    moving_weight: float = setting(0.9, CORE, "lambda of the moving average", within="[0, 1)")
+    ma_start: int = setting(1, CORE, "first round entering the moving average", within="[1, inf)")
+    aggregation_mode: str = setting(
+        "fedavg", ALGORITHMS, "FL algorithm: fedavg, fedprox, fedbn (batch norm stays local), abavg (accuracy-"
+        "weighted), fedgen (server feature generator), fedftg or fedtgp (server data-free fine-tuning)",
+        choices=AGGREGATION_MODES, aliases=MODE_ALIASES)
+    aggregation_weighting: str = setting("uniform", ALGORITHMS, "uniform (published code) or samples (weighted by "
+                                         "client data size)", choices=WEIGHTINGS)
+    client_state: str = setting("auto", PERFORMANCE, "client optimizer state: auto, memory, disk (spilled under "
+                                "--out), none (fresh each round)", choices=CLIENT_STATES, resumable=True)
+    compile: str = setting("auto", PERFORMANCE, "torch.compile the training step: auto (on for low precision), on, "
+                           "off", choices=COMPILE_MODES, resumable=True)
+    compile_mode: str = setting("default", PERFORMANCE, "torch.compile mode: default, reduce-overhead (CUDA graphs: "
+                                "fewer launches per step), max-autotune, max-autotune-no-cudagraphs",
+                                choices=TORCH_COMPILE_MODES, resumable=True)
+    cohort: str = setting("auto", PERFORMANCE, "train a round's clients together as one batched model (vmap): auto "
+                          "(on with CUDA), on, off; configurations that cannot be batched (batch norm, FedGen, SGD) "
+                          "train one client at a time", choices=COHORT_MODES, resumable=True, drivers=("sim",))
+    cohort_size: int = setting(0, PERFORMANCE, "clients per batched step (0: all of a round's clients); lower it "
+                               "when memory is short", within="[0, inf)", resumable=True, drivers=("sim",))
+    compute: str = setting("auto", PRECISION, "auto, bf16 (exact bf16 products on a <=8-bit grid), fp32",
+                           choices=COMPUTE_MODES)
+    eval_precision: str = setting(
+        "paper", PRECISION, "which of the served model's two scores (both kept: test_accuracy_fp32_act, "
+        "test_accuracy_policy_act) is test_accuracy: paper (the published code's: fp32 activations with "
+        "--moving_average, the run's activation format without), policy (the run's format) or full (fp32 "
+        "activations); see docs/evaluation.md", choices=EVAL_PRECISIONS, before="policy")
+    eval_every: int = setting(1, OUTPUT, "score the served model every N rounds (and always in the last 5 rounds, "
+                              "the summary's window); the other rounds' test metrics are null", within="[1, inf)",
+                              resumable=True)
+    log: str = setting("none", OUTPUT, "also send each round's metrics, the config and the curves to an experiment "
+                       "tracker: tensorboard (event files in OUT/tensorboard; pip install 'lptfl[tensorboard]') or "
+                       "wandb (project lptfl; WANDB_MODE=offline keeps it local; pip install 'lptfl[wandb]')",
+                       choices=TRACKERS, resumable=True, drivers=("sim",))
+    device: str = setting("cpu", PERFORMANCE, "cpu or cuda", resumable=True)
+    compress: bool = setting(False, PERFORMANCE, "zstd on the payloads (lossless)")
+    checkpoint_every: int = setting(1, RELIABILITY, "write a crash-safe checkpoint every N rounds (and after the "
+                                    "last); 0: none", within="[0, inf)", resumable=True)
+    dropout: float = added(0.0, RELIABILITY, "probability that a sampled client fails to reply (reproducible per "
+                           "seed, round, client)", within="[0, 1)", drivers=("sim",))
+    min_clients: int = added(1, RELIABILITY, "skip a round (models unchanged, metrics skipped: true) with fewer "
+                             "accepted updates", within="[1, inf)")
+    max_update_norm: float = added(0.0, RELIABILITY, "reject an update farther than this (L2) from the served "
+                                   "model; 0: no limit", within="[0, inf)")
+    robust: str = added("none", RELIABILITY, "none (running mean), median or trimmed_mean (coordinate-wise)",
+                        choices=ROBUST_MODES)
+    trim_fraction: float = added(0.1, RELIABILITY, "fraction trimmed at each end by --robust trimmed_mean, in "
+                                 "[0, 0.5)", within="[0, 0.5)")
+    model_norm: str = added("", ALGORITHMS, "ConvNet normalisation: instancenorm, groupnorm, batchnorm, layernorm, "
+                            "none (empty: default)", choices=MODEL_NORMS)
+    lambda_fedprox: float = added(0.01, ALGORITHMS, "FedProx mu: local loss + mu * ||w - w_global||^2",
+                                  within="[0, inf)")
+    abavg_val_fraction: float = added(0.05, ALGORITHMS, "ABAvg: fraction of the training set held out as server "
+                                      "validation data", within="(0, 1)")
+    abavg_use_test_set: bool = added(False, ALGORITHMS, "ABAvg: weight clients by test-set accuracy (the published "
+                                     "code) instead")
+    server_optimizer: str = added("none", ALGORITHMS, "none, fedavgm, fedadam, fedyogi: server step on the "
+                                  "pseudo-gradient served - mean", choices=SERVER_OPTIMIZERS)
+    server_lr: float = added(0.0, ALGORITHMS, "server learning rate (0: 1 for fedavgm, 0.1 fedadam, 0.01 fedyogi)",
+                             within="[0, inf)")
+    server_momentum: float = added(0.9, ALGORITHMS, "fedavgm momentum", within="[0, 1)")
+    server_beta1: float = added(0.9, ALGORITHMS, "fedadam/fedyogi first-moment decay", within="[0, 1)")
+    server_beta2: float = added(0.99, ALGORITHMS, "fedadam/fedyogi second-moment decay", within="[0, 1)")
+    server_tau: float = added(0.0, ALGORITHMS, "fedadam/fedyogi adaptivity (0: 1e-9 fedadam, 1e-3 fedyogi)",
+                              within="[0, inf)")
+    fedgen_alpha: float = added(FedGenConfig.alpha, ALGORITHMS, "FedGen: initial weight of the generated-label "
+                                "cross-entropy", within="[0, inf)", published="generative_alpha")
+    fedgen_beta: float = added(FedGenConfig.beta, ALGORITHMS, "FedGen: initial weight of the KL to the generated "
+                               "features' predictions", within="[0, inf)", published="generative_beta")
+    fedgen_decay: float = added(FedGenConfig.decay, ALGORITHMS, "FedGen: per-round decay of both weights",
+                                within="(0, 1]", published="coef_decay")
+    fedgen_lr: float = added(FedGenConfig.lr, ALGORITHMS, "FedGen: generator (ensemble) learning rate",
+                             within="(0, inf)", published="ensemble_lr")
+    fedgen_batch_size: int = added(FedGenConfig.batch_size, ALGORITHMS, "FedGen: generated samples per step",
+                                   within="[2, inf)", published="gen_batch_size")
+    fedgen_noise_dim: int = added(FedGenConfig.noise_dim, ALGORITHMS, "FedGen: noise size", within="[2, inf)",
+                                  published="noise_dim")
+    fedgen_hidden: int = added(FedGenConfig.hidden, ALGORITHMS, "FedGen: generator hidden width", within="[2, inf)",
+                               published="hidden_dim")
+    fedgen_steps: int = added(FedGenConfig.steps, ALGORITHMS, "FedGen: generator steps per round", within="[0, inf)",
+                              published="train_generator_epoch")
+    fedgen_diversity: float = added(FedGenConfig.diversity, ALGORITHMS, "FedGen: weight of the generator's "
+                                    "diversity loss", within="[0, inf)", published="ensemble_eta")
+    fedftg_gen_lr: float = added(FedFTGConfig.gen_lr, ALGORITHMS, "FedFTG: generator learning rate (cosine over a "
+                                 "round's iterations)", within="(0, inf)", published="g_lr")
+    fedftg_lr: float = added(FedFTGConfig.lr, ALGORITHMS, "FedFTG: server fine-tuning learning rate (cosine)",
+                             within="(0, inf)", published="s_lr")
+    fedftg_iterations: int = added(FedFTGConfig.iterations, ALGORITHMS, "FedFTG: fine-tuning iterations per round",
+                                   within="[0, inf)", published="tgp_iteration")
+    fedftg_gen_rounds: int = added(FedFTGConfig.gen_rounds, ALGORITHMS, "FedFTG: generator steps per iteration",
+                                   within="[0, inf)", published="inner_round_g")
+    fedftg_distill_rounds: int = added(FedFTGConfig.distill_rounds, ALGORITHMS, "FedFTG: distillation steps per "
+                                       "iteration", within="[0, inf)", published="inner_round_d")
+    fedftg_batch_size: int = added(FedFTGConfig.batch_size, ALGORITHMS, "FedFTG: generated images per step",
+                                   within="[2, inf)")
+    fedftg_noise_dim: int = added(FedFTGConfig.noise_dim, ALGORITHMS, "FedFTG: noise size", within="[2, inf)")
+    fedftg_hard_weight: float = added(FedFTGConfig.hard_weight, ALGORITHMS, "FedFTG: weight of the student-teacher "
+                                      "discrepancy the generator maximises", within="[0, inf)")
+    fedftg_diversity: float = added(FedFTGConfig.diversity, ALGORITHMS, "FedFTG: weight of the generator's "
+                                    "diversity loss", within="[0, inf)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -357,17 +439,20 @@ class RunConfig:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """A hash of every setting that changes results (not of device, compile or paths; not of
-        ``c_rounds`` under a constant learning rate, so a finished run can be extended)."""
-        ignored = {"device", "compile", "compile_mode", "data_path", "download", "no_verify", "client_state", "checkpoint_every",
-                   "eval_every", "cohort", "cohort_size", "log"}
-        if self.lr_schedule == "none":
-            ignored.add("c_rounds")
+        """A hash of every setting that changes results (see :func:`setting`'s ``before`` and
+        ``resumable``; not of ``c_rounds`` under a constant learning rate, so a finished run can be extended)."""
         items = {
-            k: v for k, v in self.to_dict().items()
-            if k not in ignored and not (k in _FINGERPRINT_IF_SET and v == _FINGERPRINT_IF_SET[k])
+            f.name: getattr(self, f.name) for f in fields(self)
+            if not f.metadata.get("resumable") and getattr(self, f.name) != f.metadata.get("before", _NEVER)
         }
+        if self.lr_schedule == "none":
+            del items["c_rounds"]
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+    @staticmethod
+    def resumable() -> tuple[str, ...]:
+        """The settings a resume may change (besides ``c_rounds`` under a constant learning rate)."""
+        return tuple(f.name for f in fields(RunConfig) if f.metadata.get("resumable"))
 
     @classmethod
     def from_dict(cls, values: dict, *, source: str | None = None) -> RunConfig:
@@ -382,6 +467,12 @@ class RunConfig:
             ConfigError: a value of another type.
         """
         return cls(**typed_values(values, source))
+
+
+# What a saved config (config.json, summary.json) written before a setting existed had in effect,
+# where that differs from today's default: read such a file with these values underneath.
+SAVED_DEFAULTS = {f.name: f.metadata["before"] for f in fields(RunConfig)
+                  if f.metadata.get("before", f.default) != f.default}
 
 
 def typed_values(values: dict, source: str | None = None) -> dict:

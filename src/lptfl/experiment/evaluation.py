@@ -22,7 +22,12 @@ from lptfl.experiment.config import RunConfig
 from lptfl.experiment.results import LAST_ROUNDS, TEST_FIELDS
 from lptfl.experiment.setup import build_run_model
 from lptfl.fl import evaluate
+from lptfl.fl.algorithms import vote_accuracy
 from lptfl.quant.compiled import MaybeCompiled
+
+# relative L2 difference allowed between the compiled and the eager logits of the first batch: 8-bit
+# rounding flips alone move them by ~1.5%, a miscompiled forward by O(1) (docs/evaluation.md)
+EVAL_TOLERANCE = 0.1
 
 
 def is_evaluated(config: RunConfig, round_index: int) -> bool:
@@ -50,8 +55,8 @@ class ServedModelScorer:
     """
 
     def __init__(self, config: RunConfig, data: Dataset, device: torch.device, *, compile: bool = False,
-                 verify: float | None = None) -> None:
-        self.test_x, self.test_y = data.test_x, data.test_y
+                 verify: float | None = EVAL_TOLERANCE) -> None:
+        self.test_x, self.test_y, self.num_classes = data.test_x, data.test_y, data.num_classes
         self.batch_size = config.test_batch_size
         self.scored = config.scored_activations()
         policy = config.policy()
@@ -78,3 +83,11 @@ class ServedModelScorer:
         for name, (loss, accuracy) in results.items():
             scores[f"test_accuracy_{name}"], scores[f"test_loss_{name}"] = accuracy, loss
         return scores
+
+    def vote_accuracy(self, states: list[Mapping[str, torch.Tensor]]) -> float | None:
+        """Test accuracy (fraction) of the majority vote of the scoring model loaded with each of
+        ``states`` (FedBN's participants); None without states."""
+        if not states:
+            return None
+        return vote_accuracy(self.model, states, self.test_x, self.test_y, self.num_classes,
+                             batch_size=self.batch_size, forward=self.forward)

@@ -1,4 +1,5 @@
-"""Result files of a run: ``metrics.jsonl`` (one object per round) and ``summary.json``."""
+"""What a run's result files hold: ``metrics.jsonl`` (one object per round) and ``summary.json``
+(written by :class:`lptfl.experiment.run_dir.RunDirectory`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import platform
 import statistics
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,14 +66,6 @@ class RoundMetrics:
     test_loss_fp32_act: float | None = None
     test_accuracy_policy_act: float | None = None
     test_loss_policy_act: float | None = None
-
-
-def append_metrics(out_dir: Path, metrics: RoundMetrics) -> None:
-    """Append one round's line to ``metrics.jsonl`` and flush it to disk."""
-    with open(out_dir / METRICS, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(asdict(metrics)) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -261,10 +254,3 @@ def numerics_changes(recorded: dict, current: dict) -> list[str]:
     one record lacks are not compared: checkpoints older than the record have none)."""
     return [f"{name} {recorded[name]!r} -> {current[name]!r}"
             for name in recorded if name in current and recorded[name] != current[name]]
-
-
-def write_summary(out_dir: Path, summary: dict) -> None:
-    """Write ``summary.json`` atomically."""
-    tmp = out_dir / (SUMMARY + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / SUMMARY)

@@ -17,6 +17,7 @@ from lptfl.data import Dataset, dirichlet_partition, iid_partition
 from lptfl.experiment.config import RunConfig
 from lptfl.experiment.results import LAST_ROUNDS
 from lptfl.fl.algorithms import validation_split
+from lptfl.fl.seeds import DROPOUT_TAG, INIT_TAG, SAMPLING_TAG, derive_seed
 from lptfl.models import build_model
 
 
@@ -37,15 +38,10 @@ def check_device(name: str) -> None:
                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. ``(seed, round, client)``), stable across runs."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
 def sample_clients(num_clients: int, frac: float, seed: int, round_index: int) -> list[int]:
     """``max(1, round(frac * num_clients))`` distinct clients, uniformly without replacement."""
     m = max(1, int(round(frac * num_clients)))
-    rng = np.random.default_rng(derive_seed(seed, round_index, 0x5A))
+    rng = np.random.default_rng(derive_seed(seed, round_index, SAMPLING_TAG))
     return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
 
 
@@ -54,7 +50,7 @@ def client_fails(seed: int, round_index: int, client: int, probability: float) -
     ``derive_seed(seed, round, client, tag)``, so it is reproducible and independent of history."""
     if probability <= 0:
         return False
-    return derive_seed(seed, round_index, client, 0xD0) / float(1 << 63) < probability
+    return derive_seed(seed, round_index, client, DROPOUT_TAG) / float(1 << 63) < probability
 
 
 def learning_rate(base: float, schedule: str, round_index: int, rounds: int) -> float:
@@ -110,14 +106,11 @@ def build_run_model(config: RunConfig, data: Dataset) -> torch.nn.Module:
         options["norm"] = config.model_norm
     if config.model_width and config.model_name.lower() == "mlp":
         options = {"hidden": config.model_width}
-    torch.manual_seed(derive_seed(config.seed, 0x11))
+    torch.manual_seed(derive_seed(config.seed, INIT_TAG))
     return build_model(config.model_name, channels, data.num_classes, height, **options)
 
 
-# --compile auto on a CPU compiles only where it pays off. Compiling the 8-bit training step of the
-# paper's ConvNet takes ~60-95 s on a 2-core CPU and saves ~0.15 s a step (eager ~200 ms, compiled
-# ~55 ms at batch 32); compiling the evaluation forward takes ~30 s and saves ~5 s per 1,000 test
-# images scored at 8 bits (docs/compile.md). Below these totals a run is done sooner eagerly.
+# --compile auto on a CPU: below these totals a run is done sooner eagerly (measured in docs/compile.md)
 COMPILE_MIN_STEPS = 1000
 COMPILE_MIN_EVAL_SAMPLES = 10_000
 
@@ -142,8 +135,8 @@ def compile_plan(config: RunConfig, client_sizes: list[int], test_size: int, dev
     """``--compile``'s decision for a run: ``on`` / ``off`` as said; ``auto`` compiles nothing at full
     precision, everything on CUDA (a step there is kernel launches, which fusing cuts ~6x), and on a
     CPU each part whose work over the whole run reaches :data:`COMPILE_MIN_STEPS` local steps or
-    :data:`COMPILE_MIN_EVAL_SAMPLES` scored test images. The estimate depends on the settings only,
-    so a resumed run decides as the original did.
+    :data:`COMPILE_MIN_EVAL_SAMPLES` scored test images. The estimate depends on the settings and
+    the partition only, so a resumed run decides as the original did, a Flower node as the simulator.
 
     Args:
         client_sizes: training samples per client.

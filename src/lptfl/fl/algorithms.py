@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lptfl.fl.client import batched_logits, evaluate
+from lptfl.fl.seeds import VALIDATION_TAG
 
 State = dict[str, torch.Tensor]
 Regularizer = Callable[[nn.Module], torch.Tensor]
@@ -178,17 +179,10 @@ def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     if not 0 < fraction < 1:
         raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
     k = min(max(1, int(round(fraction * n))), n - 1)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xAB]))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), VALIDATION_TAG]))
     val = np.sort(rng.choice(n, size=k, replace=False))
     pool = np.setdiff1d(np.arange(n), val)
     return pool, val
-
-
-def abavg_weights(accuracies: Iterable[float]) -> list[float]:
-    """ABAvg's normalised aggregation weights: proportional to the accuracies (uniform if all are 0)."""
-    raw = [max(float(a), MIN_ABAVG_WEIGHT) for a in accuracies]
-    total = sum(raw)
-    return [r / total for r in raw]
 
 
 def accuracy_scorer(

@@ -8,7 +8,7 @@ Each client keeps what it has in the sequential path (:class:`lptfl.fl.client.Lo
 
 - its data order and number of steps: clients advance in lockstep; one whose epochs are done
   takes no further step and its Adam state does not move;
-- its Adam state (the same flat layout as :class:`lptfl.fl.client_state.ClientStateStore`);
+- its Adam state (as :data:`lptfl.fl.client_state.OptimizerArrays`, what the client-state store keeps);
 - its rounding keys, drawn from its own generator in the sequential path's order (epoch
   permutation, then per step: quantizer keys, gradient keys, weight keys);
 - its short last batch: clients whose batches differ in size in a step run as separate groups.
@@ -37,15 +37,12 @@ from lptfl.fl.client import (
     LocalTrainer,
     TrainResult,
 )
+from lptfl.fl.client_state import OptimizerArrays
 from lptfl.quant.activation import Quantizer
 from lptfl.quant.compiled import MaybeCompiled, mismatch
 from lptfl.quant.format import BFPFormat
 from lptfl.quant.optim import LowPrecisionOptimizer
 from lptfl.quant.quantize import quantize_with_key
-
-# the optimizer state names in the order ClientStateStore flattens them (sorted)
-ADAM_STATE_NAMES = ["exp_avg", "exp_avg_sq", "step"]
-OptimizerArrays = tuple[np.ndarray, np.ndarray]  # (flat float32 moments, float64 step per parameter)
 
 
 def cohort_unsupported(trainer: LocalTrainer, *, objective: object | None = None,
@@ -148,18 +145,15 @@ class CohortTrainer:
         exp_avg = [torch.zeros(len(clients), *s, device=self.device) for s in shapes]
         exp_avg_sq = [torch.zeros(len(clients), *s, device=self.device) for s in shapes]
         steps = torch.zeros(len(clients), len(shapes), dtype=torch.float64)
+        sizes = [math.prod(s) for s in shapes]
         for k, client in enumerate(clients):
             if client.optimizer_state is None:
                 continue
-            flat, counts = client.optimizer_state
-            flat_t = torch.from_numpy(np.asarray(flat, np.float32))
-            offset = 0
-            for i, shape in enumerate(shapes):
-                n = math.prod(shape)
-                exp_avg[i][k] = flat_t[offset : offset + n].view(shape)
-                exp_avg_sq[i][k] = flat_t[offset + n : offset + 2 * n].view(shape)
-                offset += 2 * n
-            steps[k] = torch.from_numpy(np.asarray(counts, np.float64))
+            for name, stacks in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+                flat = torch.from_numpy(np.asarray(client.optimizer_state[name], np.float32))
+                for stack, part in zip(stacks, flat.split(sizes)):
+                    stack[k] = part.view(stack.shape[1:])
+            steps[k] = torch.from_numpy(np.asarray(client.optimizer_state["step"], np.float64))
         return exp_avg, exp_avg_sq, steps
 
     def _shape(self, name: str) -> tuple[int, ...]:
@@ -360,6 +354,7 @@ class CohortTrainer:
 
     def _arrays(self, exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor], steps: torch.Tensor,
                 k: int) -> OptimizerArrays:
-        """Client ``k``'s Adam state in :class:`ClientStateStore`'s flat layout."""
-        chunks = [t[k].reshape(-1) for m, v in zip(exp_avg, exp_avg_sq) for t in (m, v)]
-        return torch.cat(chunks).cpu().numpy(), steps[k].numpy().copy()
+        """Client ``k``'s Adam state as :data:`~lptfl.fl.client_state.OptimizerArrays`."""
+        return {"exp_avg": torch.cat([m[k].reshape(-1) for m in exp_avg]).cpu().numpy(),
+                "exp_avg_sq": torch.cat([v[k].reshape(-1) for v in exp_avg_sq]).cpu().numpy(),
+                "step": steps[k].numpy().copy()}

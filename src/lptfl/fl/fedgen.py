@@ -29,7 +29,6 @@ from lptfl.fl.ensemble import (
     load_optimizer_tensors,
     optimizer_tensors,
     sample_labels,
-    weighted_teacher_logits,
 )
 
 
@@ -193,17 +192,6 @@ class FedGenServer:
         return loss_value
 
     @torch.no_grad()
-    def ensemble_accuracy(self, heads: list[tuple[torch.Tensor, torch.Tensor]], counts: list[torch.Tensor],
-                          n: int, generator: torch.Generator) -> float:
-        """How often the class-weighted ensemble of ``heads`` labels ``G(z, y)`` as ``y`` (a
-        diagnostic of the generator; ``n`` samples)."""
-        weights, prior = class_weights(counts)
-        g = self.generator.eval()
-        y = sample_labels(prior, n, generator)
-        features = g(g.noise(n, generator), y)
-        logits = weighted_teacher_logits([F.linear(features, w.float(), b.float()) for w, b in heads], weights, y)
-        return float((logits.argmax(1) == y).double().mean())
-
     def state_dict(self, prefix: str = "fedgen") -> dict[str, torch.Tensor]:
         out = {f"{prefix}.gen.{k}": v.detach().cpu().clone() for k, v in self.generator.state_dict().items()}
         out.update(optimizer_tensors(self.optimizer, f"{prefix}.opt"))

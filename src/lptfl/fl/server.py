@@ -19,6 +19,7 @@ import torch
 from lptfl import codec
 from lptfl.fl.aggregate import RunningMean, State, moving_average
 from lptfl.fl.robust import ROBUST_MODES, CoordinateWise, update_distance
+from lptfl.fl.seeds import DOWNLINK_TAG
 from lptfl.fl.server_optim import ServerOptimizer
 from lptfl.quant import BFPFormat
 
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 WEIGHTINGS = ("uniform", "samples")
 _QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes codec.encode quantizes
-_DOWNLINK_TAG = 0xD0  # separates the downlink's rounding stream from the round's other draws
 
 
 @dataclass
@@ -119,18 +119,7 @@ class Server:
         self.global_state: State = {k: v.detach().clone() for k, v in initial.items()}
         self.average_state: State | None = None
         self.round = 0
-        self._expect = {k: (tuple(v.shape), v.dtype) for k, v in self.global_state.items()}
-        self._formats = self._uplink_formats()
-        # algorithm hooks (lptfl.fl.algorithms / server_optim): entries kept on the clients
-        # (FedBN), a scorer giving each decoded update its aggregation weight (ABAvg), a
-        # server optimizer turning (served, mean) into the new global model (FedOpt), an
-        # observer of each accepted update (FedGen, FedFTG) and a refinement of the
-        # aggregate before the moving average (FedFTG's fine-tuning)
-        self.local_names: frozenset[str] = frozenset()
-        self.scorer: Callable[[State], float] | None = None
-        self.optimizer: ServerOptimizer | None = None
-        self.on_accept: Callable[[int | str, State, int], None] | None = None
-        self.refine: Callable[[State], State] | None = None
+        self.install()
         self._mean: RunningMean | CoordinateWise | None = None
         self._reference: State | None = None
         self.stats = RoundStats()
@@ -147,16 +136,61 @@ class Server:
         full_precision = [k for k in self.full_precision if k in state]
         fmt, generator = self.config.downlink, None
         if fmt is not None and fmt.rounding == "stochastic":
-            seed = np.random.SeedSequence([self.config.seed, self.round + 1, _DOWNLINK_TAG]).generate_state(1)[0]
+            seed = np.random.SeedSequence([self.config.seed, self.round + 1, DOWNLINK_TAG]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(seed))
         return codec.encode(state, fmt, full_precision=full_precision, generator=generator)
 
-    def keep_local(self, names: Iterable[str]) -> None:
-        """State entries that stay on the clients: left out of the downlink, expected absent from
-        the uplink, and never aggregated (the global model keeps its values for them)."""
-        self.local_names = frozenset(names)
-        self._expect = {k: v for k, v in self._expect.items() if k not in self.local_names}
+    def install(self, *, keep_local: Iterable[str] = (), scorer: Callable[[State], float] | None = None,
+                optimizer: ServerOptimizer | None = None,
+                on_accept: Callable[[int | str, State, int], None] | None = None,
+                refine: Callable[[State], State] | None = None) -> None:
+        """Set the FL algorithm's hooks (each call replaces them all): ``keep_local``, state entries that
+        stay on the clients (FedBN: left out of the downlink, expected absent from the uplink, never
+        aggregated); ``scorer``, each decoded update's aggregation weight (ABAvg); ``optimizer``, turning
+        ``(served, mean)`` into the new global model (FedOpt); ``on_accept``, seeing each accepted update
+        ``(client, state, samples)`` (FedGen, FedFTG); ``refine``, changing the aggregate before the moving
+        average (FedFTG's fine-tuning)."""
+        self.local_names = frozenset(keep_local)
+        self._expect = {k: (tuple(v.shape), v.dtype) for k, v in self.global_state.items() if k not in self.local_names}
         self._formats = self._uplink_formats()
+        self._scorer, self._optimizer, self._on_accept, self._refine = scorer, optimizer, on_accept, refine
+
+    def state_dict(self) -> State:
+        """CPU copies of the global model (``global.<name>``), the moving average while there is one
+        (``average.<name>``), the round (``round``, int64) and the server optimizer's state
+        (``optimizer.<name>``)."""
+        out = {f"global.{k}": v for k, v in self.global_state.items()}
+        out.update({f"average.{k}": v for k, v in (self.average_state or {}).items()})
+        out.update({f"optimizer.{k}": v for k, v in (self._optimizer.state_dict() if self._optimizer else {}).items()})
+        out["round"] = torch.tensor(self.round, dtype=torch.int64)
+        return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned, on the model's device.
+
+        Raises:
+            ValueError: the global model or the average has other tensors, shapes or dtypes than this
+                server's model (nothing is changed then).
+        """
+        device = next(iter(self.global_state.values())).device
+        parts: dict[str, State] = {"global": {}, "average": {}, "optimizer": {}}
+        for key, value in state.items():
+            part, _, name = key.partition(".")
+            if part in parts:
+                parts[part][name] = value.to(device)
+        model = {k: (v.shape, v.dtype) for k, v in self.global_state.items()}
+        for label in ("global", "average"):
+            found = {k: (v.shape, v.dtype) for k, v in parts[label].items()}
+            if found != model and (found or label == "global"):
+                wrong = sorted(k for k in model.keys() | found.keys() if found.get(k) != model.get(k))
+                raise ValueError(f"the {label} state does not match the model of this run in {wrong[:5]} (missing, "
+                                 "unexpected, or of another shape or dtype)")
+        order = list(self.global_state)  # the model's order: the wire format, and so the byte counts, follow it
+        self.global_state = {k: parts["global"][k] for k in order}
+        self.average_state = {k: parts["average"][k] for k in order} if parts["average"] else None
+        self.round = int(state["round"])
+        if self._optimizer is not None:
+            self._optimizer.load_state_dict(parts["optimizer"])
 
     def _uplink_formats(self) -> dict[str, BFPFormat | None] | None:
         """The number format each expected uplink tensor must travel in (None: not checked)."""
@@ -196,13 +230,13 @@ class Server:
                 log.warning("rejected the update of client %s: %s", client, reason)
                 return False
         weight = float(num_samples) if self.config.weighting == "samples" else 1.0
-        if self.scorer is not None:
-            weight = float(self.scorer(state))
+        if self._scorer is not None:
+            weight = float(self._scorer(state))
         self.stats.weights.append(weight)
         self._mean.add(state, weight if weight > 0 else 1.0)
         self.stats.accepted += 1
-        if self.on_accept is not None:
-            self.on_accept(client, state, num_samples)
+        if self._on_accept is not None:
+            self._on_accept(client, state, num_samples)
         return True
 
     def end_round(self) -> bool:
@@ -218,10 +252,10 @@ class Server:
                         "and the models are unchanged", self.round, mean.count, max(1, self.config.min_clients))
             return False
         aggregate = mean.result(self.global_state)
-        if self.optimizer is not None and self._reference is not None:
-            aggregate = self.optimizer.step(self._reference, aggregate)
-        if self.refine is not None:
-            aggregate = self.refine(aggregate)
+        if self._optimizer is not None and self._reference is not None:
+            aggregate = self._optimizer.step(self._reference, aggregate)
+        if self._refine is not None:
+            aggregate = self._refine(aggregate)
         self.global_state = aggregate
         if self.config.moving_average and self.round >= self.config.ma_start:
             if self.average_state is None:

@@ -1,7 +1,7 @@
 """The server side of ``--aggregation_mode`` and ``--server_optimizer``, shared by the
 in-process simulator and the Flower ServerApp.
 
-It configures a :class:`lptfl.fl.Server` (entries kept on the clients for FedBN, ABAvg's
+It installs its hooks on a :class:`lptfl.fl.Server` (entries kept on the clients for FedBN, ABAvg's
 scorer, a server optimizer, FedGen's and FedFTG's observers and FedFTG's refinement) and does
 the per-round server work (FedGen's generator training). The drivers hand it the label counts
 that come with each update (:meth:`ServerAlgorithm.report_counts`) before ``Server.receive``.
@@ -20,6 +20,7 @@ from lptfl.fl.algorithms import batchnorm_names
 from lptfl.fl.fedftg import FedFTGServer
 from lptfl.fl.fedgen import FedGenServer
 from lptfl.fl.server import Server, full_precision_names
+from lptfl.fl.seeds import FEDFTG_TAG, FEDGEN_TAG
 from lptfl.fl.server_optim import ServerOptimizer
 from lptfl.quant import BFPFormat
 
@@ -52,30 +53,27 @@ class ServerAlgorithm:
         self.fedgen: FedGenServer | None = None
         self.fedftg: FedFTGServer | None = None
         self._accepted: list[tuple[State, torch.Tensor]] = []  # (decoded update, label counts)
-        if self.mode == "fedbn":
-            names = batchnorm_names(model)
-            if not names:
-                log.warning("--aggregation_mode fedbn: the model has no batch-norm layer, so it runs as FedAvg "
-                            "(use --model_name resnet8 or --model_norm batchnorm)")
-            server.keep_local(names)
-        if self.mode == "abavg":
-            if scorer is None:
-                raise ValueError("--aggregation_mode abavg needs server-held validation data (a scorer)")
-            server.scorer = scorer
+        local = batchnorm_names(model) if self.mode == "fedbn" else []
+        if self.mode == "fedbn" and not local:
+            log.warning("--aggregation_mode fedbn: the model has no batch-norm layer, so it runs as FedAvg "
+                        "(use --model_name resnet8 or --model_norm batchnorm)")
+        if self.mode == "abavg" and scorer is None:
+            raise ValueError("--aggregation_mode abavg needs server-held validation data (a scorer)")
+        optimizer = None
         if config.server_optimizer != "none":
-            params = [n for n, _ in model.named_parameters() if n not in server.local_names]
-            server.optimizer = ServerOptimizer(
+            params = [n for n, _ in model.named_parameters() if n not in local]
+            optimizer = ServerOptimizer(
                 config.server_optimizer, params, lr=config.server_lr, momentum=config.server_momentum,
                 beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau)
         if self.mode == "fedgen":
             self.fedgen = FedGenServer(num_classes, model.classifier.in_features, config.fedgen_config(),
-                                       seed=seed_for(0xF6))
-            server.on_accept = self._accept
+                                       seed=seed_for(FEDGEN_TAG))
         if self.mode == "fedftg":
             self.fedftg = FedFTGServer(make_fp32_model, num_classes, input_shape, config.fedftg_config(),
-                                       seed=seed_for(0xF7))
-            server.on_accept = self._accept
-            server.refine = self._refine
+                                       seed=seed_for(FEDFTG_TAG))
+        server.install(keep_local=local, scorer=scorer if self.mode == "abavg" else None, optimizer=optimizer,
+                       on_accept=self._accept if self.needs_label_counts else None,
+                       refine=self._refine if self.fedftg is not None else None)
 
     @property
     def needs_label_counts(self) -> bool:
@@ -101,7 +99,7 @@ class ServerAlgorithm:
 
     def _refine(self, aggregate: State) -> State:
         states = [{**aggregate, **state} for state, _ in self._accepted]
-        generator = torch.Generator().manual_seed(self.seed_for(self.server.round, 0xF7))
+        generator = torch.Generator().manual_seed(self.seed_for(self.server.round, FEDFTG_TAG))
         return self.fedftg.refine(aggregate, states, [c for _, c in self._accepted], generator)
 
     def generator_payload(self, fmt: BFPFormat | None) -> bytes | None:
@@ -120,38 +118,20 @@ class ServerAlgorithm:
         """After the server aggregated: FedGen trains its generator on the round's heads."""
         if self.fedgen is not None and self._accepted:
             heads = [(s["classifier.weight"], s["classifier.bias"]) for s, _ in self._accepted]
-            generator = torch.Generator().manual_seed(self.seed_for(self.server.round, 0xF6))
+            generator = torch.Generator().manual_seed(self.seed_for(self.server.round, FEDGEN_TAG))
             self.fedgen.train(heads, [c for _, c in self._accepted], generator)
         self._accepted = []
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint must keep, as flat tensors: FedGen's / FedFTG's generators and
-        optimizers, and the server optimizer's state (``server_opt.*``)."""
+        """What a checkpoint must keep, as flat tensors: FedGen's / FedFTG's generators and their
+        optimizers (the server optimizer's state is the :class:`Server`'s)."""
         out: dict[str, torch.Tensor] = {}
-        if self.fedgen is not None:
-            out.update(self.fedgen.state_dict())
-        if self.fedftg is not None:
-            out.update(self.fedftg.state_dict())
-        optimizer = self.server.optimizer
-        if optimizer is not None:
-            state = optimizer.state_dict()
-            out["server_opt.steps"] = torch.tensor(state["steps"], dtype=torch.int64)
-            for part in ("m", "v"):
-                for name, value in state[part].items():
-                    out[f"server_opt.{part}.{name}"] = value
+        for part in (self.fedgen, self.fedftg):
+            out.update(part.state_dict() if part is not None else {})
         return out
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        if self.fedgen is not None:
-            self.fedgen.load_state_dict(tensors)
-        if self.fedftg is not None:
-            self.fedftg.load_state_dict(tensors)
-        optimizer = self.server.optimizer
-        if optimizer is not None and "server_opt.steps" in tensors:
-            state: dict = {"steps": int(tensors["server_opt.steps"]), "m": {}, "v": {}}
-            for key, value in tensors.items():
-                for part in ("m", "v"):
-                    if key.startswith(f"server_opt.{part}."):
-                        state[part][key[len(f"server_opt.{part}."):]] = value
-            optimizer.load_state_dict(state)
+        for part in (self.fedgen, self.fedftg):
+            if part is not None:
+                part.load_state_dict(tensors)

@@ -96,12 +96,15 @@ class ServerOptimizer:
             out[name] = new.to(mean[name].dtype)
         return out
 
-    def state_dict(self) -> dict:
-        """Optimizer state (for checkpoints): step count and the moment tensors."""
-        return {"steps": self.steps, "m": {k: v.clone() for k, v in self.m.items()},
-                "v": {k: v.clone() for k, v in self.v.items()}}
+    def state_dict(self) -> State:
+        """The step count (``steps``, int64) and the moments (``m.<name>``, ``v.<name>``, float64)."""
+        out = {"steps": torch.tensor(self.steps, dtype=torch.int64)}
+        for part, moments in (("m", self.m), ("v", self.v)):
+            out.update({f"{part}.{k}": v.clone() for k, v in moments.items()})
+        return out
 
-    def load_state_dict(self, state: Mapping) -> None:
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.steps = int(state["steps"])
-        self.m = {k: v.to(torch.float64).clone() for k, v in state["m"].items()}
-        self.v = {k: v.to(torch.float64).clone() for k, v in state["v"].items()}
+        self.m, self.v = ({k[2:]: v.to(torch.float64).clone() for k, v in state.items() if k.startswith(f"{part}.")}
+                          for part in ("m", "v"))

@@ -1,15 +1,19 @@
 """The Flower run config <-> :class:`~lptfl.experiment.config.RunConfig` (no Flower import here).
 
-A Flower run config is a flat mapping of scalars. Every :class:`RunConfig` field is a key,
-spelled with dashes (``c-rounds``, ``model-width``; the underscore spelling is accepted too),
-plus a few keys of the Flower driver itself (:class:`FlowerOptions`). Flower only accepts
-override keys that exist in the app's defaults (``[tool.flwr.app.config]``), so
-:func:`default_app_config` lists them all.
+A Flower run config is a flat mapping of scalars. Every :class:`RunConfig` field that the Flower
+driver uses (its ``drivers``) is a key, spelled with dashes (``c-rounds``, ``model-width``; the
+underscore spelling is accepted too), plus a few keys of the Flower driver itself
+(:class:`FlowerOptions`). Flower only accepts override keys that exist in the app's defaults
+(``[tool.flwr.app.config]``), so :func:`default_app_config` lists them all;
+``python -m lptfl.flower.config pyproject.toml`` writes that section there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+import sys
+from dataclasses import Field, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from lptfl.experiment.config import ConfigError, RunConfig, checked_value, field_kind, unknown_key
@@ -44,6 +48,11 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
+def flower_settings() -> dict[str, Field]:
+    """The :class:`RunConfig` fields that the Flower driver uses, by name."""
+    return {f.name: f for f in fields(RunConfig) if "flower" in f.metadata["drivers"]}
+
+
 def from_flower_config(run_config: dict[str, Any]) -> tuple[RunConfig, FlowerOptions]:
     """Split a Flower run config into the run's :class:`RunConfig` and the driver options.
 
@@ -55,7 +64,7 @@ def from_flower_config(run_config: dict[str, Any]) -> tuple[RunConfig, FlowerOpt
         ConfigError: a value of the wrong type or out of range ("run config: frac: expected ...").
         ValueError: an unknown key.
     """
-    run_fields = {f.name: f for f in fields(RunConfig)}
+    run_fields = flower_settings()
     option_fields = {f.name: f for f in fields(FlowerOptions)}
     run_values: dict[str, Any] = {}
     option_values: dict[str, Any] = {}
@@ -78,9 +87,9 @@ def from_flower_config(run_config: dict[str, Any]) -> tuple[RunConfig, FlowerOpt
 
 
 def to_flower_config(config: RunConfig, options: FlowerOptions | None = None) -> dict[str, Any]:
-    """The flat Flower run config (dashed keys) of ``config`` and ``options``."""
+    """The flat Flower run config (dashed keys) of ``config`` (the settings the Flower driver uses) and ``options``."""
     options = options or FlowerOptions()
-    values = {_key(f.name): getattr(config, f.name) for f in fields(RunConfig)}
+    values = {_key(name): getattr(config, name) for name in flower_settings()}
     values.update({_key(f.name): getattr(options, f.name) for f in fields(FlowerOptions)})
     return values
 
@@ -89,3 +98,17 @@ def default_app_config() -> dict[str, Any]:
     """Defaults for ``[tool.flwr.app.config]``: digits, a small ConvNet, a few rounds."""
     config = RunConfig(dataset="digits", model_width=16, c_rounds=3, num_clients=2, frac=1.0)
     return to_flower_config(config, FlowerOptions())
+
+
+def toml_table(values: dict[str, Any]) -> str:
+    """``values`` (scalars) as the lines ``key = value`` of a TOML table."""
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+
+
+if __name__ == "__main__":  # print the section; with a pyproject.toml's path, rewrite that file's (its last table)
+    section = "[tool.flwr.app.config]\n" + toml_table(default_app_config())
+    if len(sys.argv) < 2:
+        print(section, end="")
+    else:
+        text = Path(sys.argv[1]).read_text(encoding="utf-8")
+        Path(sys.argv[1]).write_text(text[:text.index("[tool.flwr.app.config]\n")] + section, encoding="utf-8")

@@ -211,7 +211,7 @@ class LowPrecisionFedAvg(FedAvg):
         if unknown:
             raise ValueError(f"full_precision names entries that are not in initial_arrays: {unknown}")
         server = Server(initial, self.server_config, full_precision=self.full_precision)
-        server.optimizer = self.server_optimizer
+        server.install(optimizer=self.server_optimizer)
         return server
 
     def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:

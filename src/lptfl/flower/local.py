@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lptfl.experiment.config import RunConfig
-from lptfl.flower.config import FlowerOptions, to_flower_config
+from lptfl.flower.config import FlowerOptions, to_flower_config, toml_table
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,6 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string
-
-
 def write_app(app_dir: Path, run_config: dict[str, Any]) -> Path:
     """Write a Flower app directory whose defaults are ``run_config``."""
     app_dir.mkdir(parents=True, exist_ok=True)
@@ -150,10 +142,9 @@ def write_app(app_dir: Path, run_config: dict[str, Any]) -> Path:
         "dependencies = []", "",
         "[tool.flwr.app]", 'publisher = "lptfl"', "",
         "[tool.flwr.app.components]", f'serverapp = "{SERVER_APP}"', f'clientapp = "{CLIENT_APP}"', "",
-        "[tool.flwr.app.config]",
+        "[tool.flwr.app.config]", toml_table(run_config),
     ]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in run_config.items()]
-    (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (app_dir / "pyproject.toml").write_text("\n".join(lines), encoding="utf-8")
     return app_dir
 
 
@@ -366,7 +357,7 @@ class LocalFederation:
         extra: list[str] = []
         if overrides:
             path = self.home / f"overrides-{time.monotonic_ns()}.toml"
-            path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in overrides.items()), encoding="utf-8")
+            path.write_text(toml_table(overrides), encoding="utf-8")
             extra = ["--run-config", str(path)]
         done = self.flwr("run", str(app_dir), FEDERATION, "--format", "json", *extra)
         try:

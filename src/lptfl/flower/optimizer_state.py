@@ -2,8 +2,8 @@
 
 Each Flower message runs in a fresh ClientApp process, so the paper's persistent local
 optimizer state (Adam's moments and step counts) must live in the node's ``Context.state``:
-one ``ArrayRecord`` whose keys are ``"<parameter index>/<state name>"`` (e.g. ``"3/exp_avg"``)
-and whose arrays have the parameter's shape (scalars for step counts).
+one ``ArrayRecord`` holding :func:`lptfl.fl.client_state.optimizer_arrays` (one array per state
+entry, as the simulator's client-state store and checkpoint keep it).
 """
 
 from __future__ import annotations
@@ -13,21 +13,18 @@ import logging
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from lptfl.fl.client_state import load_optimizer_arrays, optimizer_arrays
+
 log = logging.getLogger(__name__)
 
 OPTIMIZER_STATE = "lptfl-optimizer-state"
 
 
 def save_optimizer_state(optimizer: torch.optim.Optimizer, state: RecordDict) -> None:
-    """Put the optimizer's per-parameter tensors into ``state`` as numpy arrays."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    arrays = {}
-    for i, p in enumerate(params):
-        for name, value in optimizer.state.get(p, {}).items():
-            if torch.is_tensor(value):
-                arrays[f"{i}/{name}"] = Array(value.detach().cpu().numpy().copy())
-    if arrays:
-        state[OPTIMIZER_STATE] = ArrayRecord(arrays)
+    """Keep the optimizer's state in ``state`` (nothing while it has none)."""
+    arrays = optimizer_arrays(optimizer)
+    if arrays is not None:
+        state[OPTIMIZER_STATE] = ArrayRecord({name: Array(array) for name, array in arrays.items()})
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: RecordDict) -> bool:
@@ -40,19 +37,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: RecordDict) ->
     record = state.array_records.get(OPTIMIZER_STATE) if OPTIMIZER_STATE in state else None
     if record is None:
         return False
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    restored: dict = {}
-    for key in record.keys():
-        index, name = key.split("/", 1)
-        if not index.isdigit() or int(index) >= len(params):
-            log.warning("stored optimizer state names parameter %s of %d; starting fresh", index, len(params))
-            return False
-        p = params[int(index)]
-        value = torch.from_numpy(record[key].numpy().copy())
-        if value.dim() > 0 and value.shape != p.shape:
-            log.warning("stored optimizer state does not fit the model; starting fresh")
-            return False
-        restored.setdefault(p, {})[name] = value.to(p.device)
-    for p, values in restored.items():
-        optimizer.state[p] = values
+    try:
+        load_optimizer_arrays(optimizer, {name: record[name].numpy() for name in record.keys()})
+    except ValueError as err:
+        log.warning("the stored optimizer state does not fit the model (%s); starting fresh", err)
+        return False
     return True

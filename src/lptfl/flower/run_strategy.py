@@ -1,11 +1,12 @@
-"""lptfl's own ServerApp strategy: :class:`~lptfl.flower.LowPrecisionFedAvg` set up from a
-:class:`~lptfl.experiment.config.RunConfig`, so that a Flower run is the simulator's run.
+"""lptfl's own ServerApp strategy: :class:`~lptfl.flower.LowPrecisionFedAvg` set up from an
+assembled run (:class:`~lptfl.experiment.assembly.RunAssembly`), so that a Flower run is the
+simulator's run.
 
 Through the strategy's hooks it adds what the simulator does beyond FedAvg:
 
-- the aggregation settings of ``RunConfig.server_config()`` and the FL algorithm's server side
+- the run's server with its aggregation settings and its FL algorithm's server side
   (:class:`lptfl.fl.server_algorithm.ServerAlgorithm`: FedBN, ABAvg, FedGen, FedFTG, a server
-  optimizer), set up on the strategy's :class:`lptfl.fl.Server`;
+  optimizer), built by the assembly as the simulator's is;
 - client sampling by partition (``sample_clients`` over the partitions the SuperNodes hold,
   :mod:`lptfl.flower.partitions`), the round's learning rate and the node's assigned
   ``partition-id`` in each train config;
@@ -19,19 +20,17 @@ Through the strategy's hooks it adds what the simulator does beyond FedAvg:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from torch import nn
 
 from lptfl.codec import PayloadError
-from lptfl.data import Dataset
-from lptfl.experiment.config import RunConfig
-from lptfl.experiment.setup import derive_seed, learning_rate, sample_clients, split_clients
-from lptfl.fl import Server, full_precision_names
+from lptfl.experiment.assembly import RunAssembly
+from lptfl.experiment.setup import learning_rate, sample_clients, split_clients
+from lptfl.fl import Server
 from lptfl.fl.server_algorithm import ServerAlgorithm
 from lptfl.flower.fedavg import ConfigValue, LowPrecisionFedAvg
 from lptfl.flower.partitions import PartitionMap
@@ -39,43 +38,46 @@ from lptfl.flower.payload import GENERATOR_RECORD
 
 log = logging.getLogger(__name__)
 
-State = dict[str, torch.Tensor]
-
 
 class RunStrategy(LowPrecisionFedAvg):
-    """The strategy of lptfl's ServerApp for one run.
+    """The strategy of lptfl's ServerApp for the assembled run ``run`` (its settings, dataset,
+    precision policy and server)."""
 
-    Args:
-        config: the run's settings.
-        data: the run's dataset (partition sizes, classes, input shape).
-        model: a fresh model of the run (names of parameters, buffers and batch norms).
-        eval_model: the model that scores the served model (ABAvg's scorer uses it too).
-        make_fp32_model: builds a fresh full-precision model (FedFTG).
-        scorer: ABAvg's ``state -> weight`` (validation accuracy), else None.
-    """
-
-    def __init__(self, config: RunConfig, data: Dataset, *, model: nn.Module, eval_model: nn.Module,
-                 make_fp32_model: Callable[[], nn.Module], scorer: Callable[[State], float] | None = None) -> None:
-        settings = config.server_config()
+    def __init__(self, run: RunAssembly) -> None:
+        config = run.config
         super().__init__(
-            policy=config.policy(), fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
-            weighting=settings.weighting, moving_average=settings.moving_average,
-            moving_weight=settings.moving_weight, ma_start=settings.ma_start,
-            full_precision=full_precision_names(model), min_accepted=settings.min_clients,
-            max_update_norm=settings.max_update_norm, robust=settings.robust, trim_fraction=settings.trim_fraction,
-            max_payload_bytes=settings.max_payload_bytes, seed=settings.seed,
+            policy=run.policy, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
+            full_precision=run.full_precision,
             # lptfl's FedProx term is lambda ||w - w_global||^2, Flower's (mu / 2) ||w - w_global||^2
             proximal_mu=2 * config.lambda_fedprox if config.aggregation_mode == "fedprox" else 0.0,
         )
-        self.config, self.data = config, data
-        self._model, self._eval_model, self._make_fp32_model, self._scorer = model, eval_model, make_fp32_model, scorer
+        self.server_config = config.server_config()  # the settings of the run's server (new_server)
+        self.config, self.assembly = config, run
         self.algorithm: ServerAlgorithm | None = None
         self.partitions = PartitionMap(node_of={}, count=0)
         self._sizes: list[int] = []
+        self.rounds_done = 0  # before Flower's round 1: more than 0 when the run resumed from a checkpoint
+
+    def resume(self, server_state: Mapping[str, torch.Tensor], algorithm_state: Mapping[str, torch.Tensor]) -> None:
+        """Continue the run from a checkpoint's server and algorithm state: Flower's round ``r`` is
+        then the run's round ``rounds_done + r`` (its sampling, learning rate and seeds)."""
+        self.server, self.algorithm = self.assembly.new_server()
+        self.server.load_state_dict(server_state)
+        self.algorithm.load_state_dict(algorithm_state)
+        self.rounds_done = self.server.round
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return super().configure_train(self.rounds_done + server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(self.rounds_done + server_round, replies)
 
     def assign(self, partitions: PartitionMap) -> None:
         """Train on ``partitions`` (one node per partition) from now on."""
-        parts, _ = split_clients(replace(self.config, num_clients=partitions.count), self.data.train_y.numpy())
+        labels = self.assembly.data.train_y.numpy()
+        parts, _ = split_clients(replace(self.config, num_clients=partitions.count), labels)
         self.partitions, self._sizes = partitions, [len(p) for p in parts]
         missing = sorted(set(range(partitions.count)) - set(partitions.node_of))
         if missing:
@@ -88,13 +90,8 @@ class RunStrategy(LowPrecisionFedAvg):
 
     # -- hooks of LowPrecisionFedAvg ------------------------------------------------------------
     def new_server(self, arrays: ArrayRecord) -> Server:
-        """The server with the run's FL algorithm set up on it."""
-        server = super().new_server(arrays)
-        cfg = self.config
-        self.algorithm = ServerAlgorithm(
-            cfg, server, self._eval_model, num_classes=self.data.num_classes, input_shape=self.data.input_shape,
-            make_fp32_model=self._make_fp32_model, seed_for=lambda *parts: derive_seed(cfg.seed, *parts),
-            scorer=self._scorer)
+        """The run's server holding ``arrays``, with its FL algorithm set up on it."""
+        server, self.algorithm = self.assembly.new_server(arrays.to_torch_state_dict())
         return server
 
     def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
@@ -135,7 +132,7 @@ class RunStrategy(LowPrecisionFedAvg):
 
     def _label_counts(self, metrics: MetricRecord, examples: int) -> torch.Tensor:
         counts = metrics.get("label-counts")
-        classes = self.data.num_classes
+        classes = self.assembly.data.num_classes
         if (not isinstance(counts, list) or len(counts) != classes
                 or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts)
                 or sum(counts) != examples):

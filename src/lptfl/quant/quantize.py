@@ -20,13 +20,18 @@ from lptfl.quant.format import BFPFormat
 from lptfl.quant.random import draw_key, hashed_uniform_cohort, hashed_uniform_like
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Scale factors 2**shift (shift in [-127, 142]) are built as two normal float32 factors.
-_LOW_MIN, _LOW_MAX = -126, 100
 
 
-def _pow2(k: torch.Tensor) -> torch.Tensor:
+def pow2_normal(k: torch.Tensor) -> torch.Tensor:
     """``2.0 ** k`` exactly, as float32, for int32 ``k`` in ``[-126, 127]``."""
     return ((k + 127) << 23).view(torch.float32)
+
+
+def split_shift(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)`` with ``low + high = k`` and both ``2**low`` and ``2**high`` normal float32, for
+    int32 ``k`` in ``[-252, 227]``: a scale ``2**k`` is applied as two exact factors."""
+    low = k.clamp(-126, 100)
+    return low, k - low
 
 
 def block_exponent(amax: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
@@ -65,10 +70,9 @@ def block_factors(xf: torch.Tensor, fmt: BFPFormat, cohort: bool = False) -> tor
     """
     amax = block_amax(xf, fmt, cohort)
     shift = (fmt.bits - 2) - block_exponent(amax, fmt)
-    low = shift.clamp(_LOW_MIN, _LOW_MAX)
-    high = shift - low
+    low, high = split_shift(shift)
     nan_or_one = torch.where(torch.isfinite(amax), 1.0, torch.nan)
-    return torch.stack([_pow2(low), _pow2(high), _pow2(-low) * nan_or_one, _pow2(-high)])
+    return torch.stack([pow2_normal(low), pow2_normal(high), pow2_normal(-low) * nan_or_one, pow2_normal(-high)])
 
 
 def quantize_with_key(x: torch.Tensor, fmt: BFPFormat, key: torch.Tensor | None, *,

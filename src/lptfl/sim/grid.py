@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lptfl.stop_signals import stop_signals_to
+from lptfl.sim.stop_signals import stop_signals_to
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,13 @@ import sys
 
 import pytest
 
-from lptfl import allocator
+from lptfl.experiment import allocator
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_thresholds_are_raised_once_and_the_answer_is_remembered():
     code = (
-        "from lptfl.allocator import keep_freed_memory\n"
+        "from lptfl.experiment.allocator import keep_freed_memory\n"
         "import torch\n"
         "first = keep_freed_memory()\n"
         "x = torch.ones(8 << 20)\n"  # 32 MB: from the heap now, and kept there when freed

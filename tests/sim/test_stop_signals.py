@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from lptfl.stop_signals import STOP_SIGNALS, stop_signals_to
+from lptfl.sim.stop_signals import STOP_SIGNALS, stop_signals_to
 
 
 def _handler(signum, frame) -> None:

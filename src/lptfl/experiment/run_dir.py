@@ -1,0 +1,230 @@
+"""A run's folder: the names of its files, durable writes, preparing it for a run, and cutting its
+metrics back to a checkpoint's.
+
+- ``config.json``: the run's settings, written when it starts (``lptfl run --resume`` rebuilds it);
+- ``metrics.jsonl``: one JSON object per round, each line fsynced as it is appended;
+- ``summary.json`` and ``curves.png``: the rounds so far, written when the run ends or is stopped;
+- ``checkpoint.safetensors``: the state after the last checkpointed round (:mod:`lptfl.experiment.checkpoint`);
+- ``client_state/``: a disk client-state store, and ``checkpoint-client_state-<round>-<tag>/`` its
+  files as they were at the checkpoint.
+
+Every file but ``metrics.jsonl`` is written whole and atomically (temporary file, fsync, rename,
+fsync of the folder): a crash leaves the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from lptfl.experiment.results import CURVES, METRICS, SUMMARY, RoundMetrics
+
+CONFIG = "config.json"
+CHECKPOINT = "checkpoint.safetensors"
+CLIENT_STATE = "client_state"
+SNAPSHOT_PREFIX = "checkpoint-client_state-"
+REPAIR = "restore the file from a copy, or start the run again with --overwrite"  # what to do about damage
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or saved config is missing, damaged, or belongs to other settings."""
+
+
+class OutputExistsError(ValueError):
+    """The output directory already holds a run, or is a file."""
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+class RunDirectory:
+    """The folder ``path`` of one run (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._created: Path | None = None  # the outermost folder locked() made for this run
+
+    def write(self, name: str, data: bytes) -> Path:
+        """Write the file ``name`` atomically; its path."""
+        atomic_write(self.path / name, data)
+        return self.path / name
+
+    def append_metrics(self, metrics: RoundMetrics) -> None:
+        """Append one round's line to ``metrics.jsonl`` and flush it to disk."""
+        with open(self.path / METRICS, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(asdict(metrics)) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def write_summary(self, summary: dict) -> None:
+        """Write ``summary.json`` atomically."""
+        self.write(SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+
+    def metrics_lines(self) -> list[bytes]:
+        """The complete lines of ``metrics.jsonl`` (a line half-written by a crash is not one)."""
+        path = self.path / METRICS
+        return path.read_bytes().split(b"\n")[:-1] if path.exists() else []
+
+    def checkpointed_rounds(self, lines: int) -> list[dict]:
+        """The first ``lines`` rounds of ``metrics.jsonl``, each a JSON object.
+
+        Raises:
+            CheckpointError: the file has fewer complete lines, or one of them is no JSON object
+                (damage that resuming cannot repair, since the checkpoint counts that round).
+        """
+        path, kept = self.path / METRICS, self.metrics_lines()[:lines]
+        if len(kept) < lines:
+            state = f"{len(kept)} complete lines" if path.exists() else "missing"
+            raise CheckpointError(f"{path} has {state}; the checkpoint counts {lines}; {REPAIR}")
+        rounds = []
+        for number, line in enumerate(kept, start=1):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                value = None
+            if not isinstance(value, dict):
+                raise CheckpointError(f"{path} line {number} is damaged and the checkpoint counts it, so resuming "
+                                      f"cannot repair it; {REPAIR}")
+            rounds.append(value)
+        return rounds
+
+    def truncate_metrics(self, lines: int) -> None:
+        """Cut ``metrics.jsonl`` after its first ``lines`` lines (rounds written after the checkpoint,
+        or a line half-written by a crash, go).
+
+        Raises:
+            CheckpointError: as :meth:`checkpointed_rounds`.
+        """
+        self.checkpointed_rounds(lines)
+        path, end = self.path / METRICS, sum(len(line) + 1 for line in self.metrics_lines()[:lines])
+        if path.exists() and end != path.stat().st_size:
+            with open(path, "r+b") as handle:
+                handle.truncate(end)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    def remove_results(self) -> None:
+        """Delete ``summary.json`` and ``curves.png`` (stale once a resumed run goes on)."""
+        for name in (SUMMARY, CURVES):
+            (self.path / name).unlink(missing_ok=True)
+
+    def _outermost_missing(self) -> Path | None:
+        """The outermost folder of the path that does not exist yet (None: the folder exists)."""
+        return next((folder for folder in reversed((self.path, *self.path.parents)) if not folder.exists()), None)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder for this process for the length of the block (an advisory ``flock`` on the
+        folder, created if missing), so that two runs never write into one folder at once.
+
+        Raises:
+            OutputExistsError: another process holds the folder, or the path is a file.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputExistsError(f"--out {self.path} is a file, not a directory; choose another --out")
+        self._created = self._outermost_missing()
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputExistsError(f"{self.path} is in use by another lptfl process; wait for it to end or "
+                                        "choose another --out") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def prepare(self, *, overwrite: bool) -> Path | None:
+        """Create the folder for a new run; refuse one that holds a run unless ``overwrite`` (then
+        clear it). Returns the outermost folder it created (None: the folder existed).
+
+        Raises:
+            OutputExistsError: the path is a file, or holds a run and ``overwrite`` is false.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputExistsError(f"--out {self.path} is a file, not a directory; choose another --out")
+        created = self._created or self._outermost_missing()
+        self.path.mkdir(parents=True, exist_ok=True)
+        existing = [name for name in (METRICS, SUMMARY, CURVES, CONFIG, CHECKPOINT) if (self.path / name).exists()]
+        if existing and not overwrite:
+            raise OutputExistsError(f"{self.path} already holds a run ({', '.join(existing)}); pass --overwrite to "
+                                    "replace it, --resume to continue it, or choose another --out")
+        for name in existing:
+            (self.path / name).unlink()
+        if overwrite:
+            self.remove_snapshots()
+            shutil.rmtree(self.path / CLIENT_STATE, ignore_errors=True)
+        return created
+
+    @contextmanager
+    def new_run(self, *, overwrite: bool) -> Iterator[None]:
+        """:meth:`prepare` the folder; when the body fails before round 1's metrics are written, remove
+        what the run put here (its config, its client-state store, the folders made for it), so that
+        the corrected command runs instead of finding "a run" here."""
+        created = self.prepare(overwrite=overwrite)
+        try:
+            yield
+        except BaseException:
+            if not (self.path / METRICS).exists():
+                (self.path / CONFIG).unlink(missing_ok=True)
+                shutil.rmtree(self.path / CLIENT_STATE, ignore_errors=True)
+                for folder in (self.path, *self.path.parents) if created is not None else ():
+                    if not folder.is_dir() or any(folder.iterdir()):
+                        break
+                    folder.rmdir()
+                    if folder == created:
+                        break
+            raise
+
+    def new_snapshot(self, round_index: int, fill: Callable[[Path], None]) -> str:
+        """A new client-state snapshot folder of round ``round_index``: ``fill(folder)`` puts the files
+        in, then it is made durable under its final name, which is returned."""
+        name = f"{SNAPSHOT_PREFIX}{round_index:06d}-{uuid.uuid4().hex[:8]}"
+        tmp = self.path / f".{name}.tmp"
+        tmp.mkdir()
+        fill(tmp)
+        fsync_dir(tmp)
+        os.replace(tmp, self.path / name)
+        fsync_dir(self.path)
+        return name
+
+    def remove_snapshots(self, keep: str | None = None) -> None:
+        """Delete the client-state snapshots (and unfinished ones) but ``keep``."""
+        for old in (*self.path.glob(f"{SNAPSHOT_PREFIX}*"), *self.path.glob(f".{SNAPSHOT_PREFIX}*")):
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
