@@ -184,6 +184,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (0: cpus // parallel); resume a run with the count it "
                              "started with for bit-identical rounds (a run warns when it changes)")
+    parser.add_argument("--eval_every", type=int, default=1,
+                        help="score the served model every N rounds (and in the last 5, which the table uses); "
+                             "cheaper long runs")
     parser.add_argument("--checkpoint_every", type=int, default=1,
                         help="rounds between checkpoints (a stop signal always checkpoints first); "
                              "raise it where rounds take seconds, e.g. 10 on a GPU")
@@ -199,7 +202,8 @@ def main() -> None:
                 raise SystemExit(f"unknown config {name!r}; expected one of {', '.join(CONFIGS)}")
             flags = [*PAPER_SETTING, *CONFIGS[name], "--alpha", str(args.alpha), "--seed", str(seed),
                      "--data_path", args.data_path, "--device", args.device, "--compile", args.compile, "--cohort", args.cohort,
-                     *(["--model_width", str(args.model_width)] if args.model_width else [])]
+                     *(["--model_width", str(args.model_width)] if args.model_width else []),
+                     *(["--eval_every", str(args.eval_every)] if args.eval_every > 1 else [])]
             runs.append(GridRun(args.out / (name if seed == 0 else f"{name}-s{seed}"), tuple(flags)))
 
     def refresh() -> None:

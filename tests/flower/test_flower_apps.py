@@ -277,17 +277,20 @@ def split_clients_of(config: RunConfig, parts: int):
     return split_clients(replace(config, num_clients=parts), data.train_y.numpy())[0]
 
 
-def test_client_app_compiles_where_the_simulator_would(monkeypatch):
-    """``--compile auto`` means the same in the ClientApp as in the simulator: on a CPU a short run
-    trains eagerly, a long one (~8,000 local steps) compiles the training step."""
+def test_client_app_compiles_where_its_own_work_pays_for_it(monkeypatch):
+    """``--compile auto`` has one rule in both drivers, weighed on the work of one process: the
+    simulator's process runs the whole run, a ClientApp's one client's round. A long run (~3,000
+    steps, 500 rounds of 6) compiles in the simulator, not in a ClientApp; a round of 200 local
+    epochs (~1,200 steps) compiles in both."""
     seen = []
     monkeypatch.setattr(client_app, "train_low_precision", lambda *args, compile, **kwargs: seen.append(compile))
-    for rounds in (2, 500):
-        config = small_config(c_rounds=rounds, use_quantization=True)
+    for rounds, epochs, in_client in ((2, 1, False), (500, 1, False), (2, 200, True)):
+        config = small_config(c_rounds=rounds, epochs=epochs, use_quantization=True)
         grid = InProcessGrid(config, nodes=2)
         run = FlowerRun(config, FlowerOptions())
         client_app.train(sent_train_messages(run, grid)[0], grid.contexts[100])
-        assert seen[-1] == run.plan.train == (rounds == 500)
+        assert seen[-1] == in_client, (rounds, epochs)
+        assert run.plan.train == (rounds == 500 or epochs == 200)
 
 
 @pytest.mark.parametrize("low_precision", [False, True], ids=["fp32", "8bit-ma"])

@@ -34,13 +34,14 @@ class RunAssembly:
         parts: each client's indices into the training set (``config.num_clients`` clients).
         val_x, val_y: ABAvg's server-held validation data (None for the other modes).
         policy: the run's precision policy.
-        plan: which parts ``torch.compile`` fuses (:func:`~lptfl.experiment.setup.compile_plan`).
+        plan: which parts ``torch.compile`` fuses (:func:`~lptfl.experiment.setup.compile_plan`; with
+            ``one_client_round``, for a process that trains one client's round, a Flower ClientApp's).
         model: a fresh model of the run (the simulator's local trainer trains this one).
         initial: its initial state, the server's model before round 1.
         full_precision: state entries that travel exactly.
     """
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, *, one_client_round: bool = False) -> None:
         config.validate()
         self.config = config
         self.device = torch.device(config.device)
@@ -52,7 +53,7 @@ class RunAssembly:
         log.info("partition:\n%s", partition_summary(labels, self.parts, self.data.num_classes))
         self.policy = config.policy()
         self.plan = compile_plan(config, [len(p) for p in self.parts], len(self.data.test_y), self.device,
-                                 self.policy.is_full_precision)
+                                 self.policy.is_full_precision, one_client_round=one_client_round)
         log.info("torch.compile: training step %s, evaluation %s (%s)", "on" if self.plan.train else "off",
                  "on" if self.plan.eval else "off", self.plan.reason)
         self.model = build_run_model(config, self.data)

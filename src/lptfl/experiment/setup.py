@@ -131,26 +131,34 @@ class CompilePlan:
 
 
 def compile_plan(config: RunConfig, client_sizes: list[int], test_size: int, device: torch.device,
-                 full_precision: bool) -> CompilePlan:
+                 full_precision: bool, *, one_client_round: bool = False) -> CompilePlan:
     """``--compile``'s decision for a run: ``on`` / ``off`` as said; ``auto`` compiles nothing at full
     precision, everything on CUDA (a step there is kernel launches, which fusing cuts ~6x), and on a
     CPU each part whose work over the whole run reaches :data:`COMPILE_MIN_STEPS` local steps or
-    :data:`COMPILE_MIN_EVAL_SAMPLES` scored test images. The estimate depends on the settings and
-    the partition only, so a resumed run decides as the original did, a Flower node as the simulator.
+    :data:`COMPILE_MIN_EVAL_SAMPLES` scored test images. A compile is paid once per process, so the
+    rule weighs the work of one process: the whole run for the simulator, one client's round for a
+    Flower ClientApp (``one_client_round``: a fresh process per message, which compiles its training
+    step only from :data:`COMPILE_MIN_STEPS` steps in that round, on any device). The estimate
+    depends on the settings and the partition only, so a resumed run decides as the original did.
 
     Args:
         client_sizes: training samples per client.
         test_size: test images scored per evaluated round.
+        one_client_round: decide for a process that trains one client for one round and scores nothing.
     """
     if config.compile != "auto":
         on = config.compile == "on"
         return CompilePlan(on, on, f"--compile {config.compile}")
     if full_precision:
         return CompilePlan(False, False, "--compile auto: nothing to fuse at full precision")
+    mean_steps = sum(math.ceil(n / config.batch_size) for n in client_sizes) / max(len(client_sizes), 1)
+    if one_client_round:
+        steps = int(config.epochs * mean_steps)
+        return CompilePlan(steps >= COMPILE_MIN_STEPS, False, f"--compile auto for one client's round: ~{steps} "
+                           f"local steps a process (compiled from {COMPILE_MIN_STEPS})")
     if device.type == "cuda":
         return CompilePlan(True, True, "--compile auto on CUDA")
     per_round = max(1, int(round(config.frac * config.num_clients)))
-    mean_steps = sum(math.ceil(n / config.batch_size) for n in client_sizes) / max(len(client_sizes), 1)
     steps = int(config.c_rounds * per_round * config.epochs * mean_steps)
     evaluated = sum(1 for r in range(1, config.c_rounds + 1)
                     if r % config.eval_every == 0 or r > config.c_rounds - LAST_ROUNDS)

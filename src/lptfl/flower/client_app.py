@@ -46,8 +46,9 @@ def node_partition(context: Context) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=2)
 def _assembly(settings: tuple) -> RunAssembly:
-    """The run of ``settings`` (a config's sorted items), cached for engines that reuse the process."""
-    return RunAssembly(RunConfig(**dict(settings)))
+    """The run of ``settings`` (a config's sorted items) as one client's round sees it, cached for
+    engines that reuse the process."""
+    return RunAssembly(RunConfig(**dict(settings)), one_client_round=True)
 
 
 @app.train()
