@@ -198,3 +198,13 @@ def test_block_layouts_count_exponents():
     assert BFPFormat(8, layout="B").num_blocks((128, 64, 3, 3)) == 128
     assert BFPFormat(8, small_block="Conv").num_blocks((10, 2048)) == 1
     assert BFPFormat(8, small_block="None").num_blocks((128, 64, 3, 3)) == 1
+
+
+@pytest.mark.parametrize("n", [1, 1 << 20, (1 << 20) + 1, 5 * (1 << 17) + (1 << 20) - 3])
+def test_eager_chunked_hash_draws_what_one_pass_draws(n):
+    """Large tensors are hashed in cache-sized chunks eagerly on a CPU: the same draws, element for element."""
+    from lptfl.quant import random as rnd
+
+    key = torch.tensor(-987654321, dtype=torch.int32)
+    one_pass = rnd._uniform_of_index(torch.arange(n, dtype=torch.int32), key)
+    assert torch.equal(rnd.hashed_uniform_like(torch.empty(n), key), one_pass)

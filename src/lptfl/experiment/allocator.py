@@ -2,7 +2,7 @@
 
 glibc's ``malloc`` serves large blocks (a ConvNet activation of batch 32 is 16 MB) with ``mmap``
 and gives them back on ``free``, so every training step maps, page-faults and zeroes the same
-memory again: measured on a 2-core CPU, that is ~25% of an fp32 step and ~15% of an 8-bit one.
+memory again, a sizeable share of a small model's step (docs/measurements.md).
 Raising the mmap and trim thresholds lets those blocks be reused. Applications (the CLI, the
 Flower client) call :func:`keep_freed_memory` once at start; the library never does it on import.
 """

@@ -23,12 +23,9 @@ from lptfl.quant.compiled import MaybeCompiled, mismatch
 OPTIMIZERS = ("adam", "sgd", "sgd-momentum")
 # Largest relative L2 differences between the compiled and the eager first step, of the loss and of
 # all gradients together. Both use the same rounding keys, but reassociation flips some roundings
-# and the flips cascade: a 1e-6 input perturbation alone moves an 8-bit ConvNet's gradients by
-# ~3% (its biases' by ~30%). A small loss magnifies it: a FMNIST client with one class (loss ~0.1)
-# gave 1.45% between the two. On the real run (q8-noavg, round 54) a first step's losses were 0.538
-# and 0.488 nats (10.2% apart, gradients 6.9%), so loss differences count against at least
-# STEP_LOSS_FLOOR nats. A miscompiled step (zero, scaled or unrelated results) differs by O(1), in
-# its gradients even where its loss is small.
+# and the flips cascade, most where the loss is small, so loss differences count against at least
+# STEP_LOSS_FLOOR nats; a miscompiled step (zero, scaled or unrelated results) differs by O(1), in
+# its gradients even where its loss is small (measurements: docs/measurements.md).
 STEP_LOSS_TOLERANCE = 0.1
 STEP_LOSS_FLOOR = 1.0
 STEP_GRAD_TOLERANCE = 0.25

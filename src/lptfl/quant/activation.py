@@ -29,9 +29,9 @@ class _QuantizeForwardBackward(torch.autograd.Function):
             out = x.view_as(x)
         else:
             out = quantize_with_key(x, fwd, key if fwd.rounding == "stochastic" else None)
-        # Compiled, the output must be a fresh tensor: under torch 2.11 on CUDA this Function, returning
-        # the tensor its rounding steps changed in place, passed zero gradients back (measured on an H200;
-        # a copy fixed it). The copy is fused away there; eager calls skip it.
+        # Compiled, the output must be a fresh tensor: returning the tensor its rounding steps changed
+        # in place, this Function passed zero gradients back on CUDA (docs/measurements.md). The copy
+        # is fused away there; eager calls skip it.
         return out.clone() if torch.compiler.is_compiling() else out
 
     @staticmethod

@@ -11,8 +11,7 @@ state-dict keys and results, bit for bit, with less saved for backward:
 
 Under ``torch.func.vmap`` (a batched cohort) and under ``torch.compile`` they compute as their base
 classes: compiled, inductor's partitioner chooses what the fused graph saves, and the custom
-functions cut the fusion (a compiled 8-bit ConvNet step took 91 ms with them against 55 ms without
-on the 2-core CPU).
+functions would cut the fusion (docs/measurements.md).
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ _PHI = -1640531527  # 0x9E3779B9 as a signed int32
 _M1 = 0x7FEB352D
 _M2 = -2073254261  # 0x846CA68B as a signed int32
 _INV_2_24 = 1.0 / (1 << 24)
+# Eager on a CPU, tensors of more than EAGER_CHUNKED_FROM elements (beyond the last-level cache) are
+# hashed EAGER_CHUNK elements (512 KiB) at a time; smaller ones gain nothing (docs/measurements.md)
+EAGER_CHUNK = 1 << 17
+EAGER_CHUNKED_FROM = 1 << 20
 
 
 def _lshr(h: torch.Tensor, k: int) -> torch.Tensor:
@@ -38,17 +42,32 @@ def _lowbias32(h: torch.Tensor) -> torch.Tensor:
     return _lowbias32_(h.clone())
 
 
+def _uniform_of_index(h: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The uniform draws of the int32 element indices ``h`` (changed in place) under ``key``."""
+    h.bitwise_xor_(key).mul_(_PHI)
+    _lowbias32_(h)
+    return _lshr(h, 8).to(torch.float32).mul_(_INV_2_24)
+
+
 def hashed_uniform_like(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Uniform float32 values in ``[0, 1)`` with 24 random bits each, shaped like ``x``.
+
+    Eager on a CPU, a large tensor is hashed :data:`EAGER_CHUNK` elements at a time: the hash's dozen
+    element-wise passes then run in cache instead of over memory (the same values; compiled, they
+    are fused into one pass anyway).
 
     Args:
         x: any tensor (at most 2**31 - 1 elements); only its shape and device are used.
         key: 0-d int32 tensor; different keys give independent-looking streams.
     """
-    h = torch.arange(x.numel(), dtype=torch.int32, device=x.device).view(x.shape)
-    h.bitwise_xor_(key).mul_(_PHI)
-    _lowbias32_(h)
-    return _lshr(h, 8).to(torch.float32).mul_(_INV_2_24)
+    n = x.numel()
+    if n <= EAGER_CHUNKED_FROM or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return _uniform_of_index(torch.arange(n, dtype=torch.int32, device=x.device), key).view(x.shape)
+    out = torch.empty(n, dtype=torch.float32)
+    for start in range(0, n, EAGER_CHUNK):
+        stop = min(start + EAGER_CHUNK, n)
+        out[start:stop] = _uniform_of_index(torch.arange(start, stop, dtype=torch.int32), key)
+    return out.view(x.shape)
 
 
 def hashed_uniform_cohort(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
