@@ -10,6 +10,7 @@ from lptfl import codec
 from lptfl.cli import main
 from lptfl.experiment.config import RunConfig
 from lptfl.experiment.setup import sample_clients
+from lptfl.fl import Server
 from lptfl.quant.activation import Quantizer
 from lptfl.sim.engine import Simulation
 from lptfl.sim.runner import run_experiment
@@ -87,12 +88,12 @@ def test_downlink_rounding_keeps_or_erases_changes_below_half_a_grid_step():
     fp32 sends it exactly, at four times the bytes."""
     step = 2.0**-6  # 8 bits, one exponent per tensor, values in [1, 2)
     served = {"gamma": torch.full((4096,), 1.0 + 0.3 * step)}
-    sims = {mode: Simulation(RunConfig(c_rounds=1, use_quantization=True, downlink=mode, **FAST))
-            for mode in ("nearest", "stochastic", "fp32")}
+    configs = {mode: RunConfig(c_rounds=1, use_quantization=True, downlink=mode, **FAST).server_config()
+               for mode in ("nearest", "stochastic", "fp32")}
 
     def received(downlink, round_index):
-        server = sims[downlink].server
-        server.global_state, server.round = dict(served), round_index
+        server = Server(served, configs[downlink], full_precision=[])
+        server.load_state_dict({"global.gamma": served["gamma"], "round": torch.tensor(round_index)})
         payload = server.downlink()
         return codec.decode(payload)["gamma"], len(payload)
 
