@@ -273,8 +273,10 @@ class RunConfig:
                                          "client data size)", choices=WEIGHTINGS)
     client_state: str = setting("auto", PERFORMANCE, "client optimizer state: auto, memory, disk (spilled under "
                                 "--out), none (fresh each round)", choices=CLIENT_STATES, resumable=True)
-    compile: str = setting("auto", PERFORMANCE, "torch.compile the training step: auto (on for low precision), on, "
-                           "off", choices=COMPILE_MODES, resumable=True)
+    compile: str = setting("auto", PERFORMANCE, "torch.compile the low-precision training step and evaluation: auto "
+                           "(where a process's work repays the compile: on CUDA, and for long runs on a CPU; "
+                           "docs/compile.md), on, off", choices=COMPILE_MODES,
+                           resumable=True)
     compile_mode: str = setting("default", PERFORMANCE, "torch.compile mode: default, reduce-overhead (CUDA graphs: "
                                 "fewer launches per step), max-autotune, max-autotune-no-cudagraphs",
                                 choices=TORCH_COMPILE_MODES, resumable=True)
