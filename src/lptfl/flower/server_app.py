@@ -21,8 +21,8 @@ from lptfl.experiment.assembly import RunAssembly
 from lptfl.experiment.checkpoint import check_resumable, load_checkpoint, save_checkpoint, write_config
 from lptfl.experiment.config import RunConfig
 from lptfl.experiment.evaluation import is_evaluated, not_evaluated
-from lptfl.experiment.results import METRICS, SUMMARY, read_metrics, summarize
-from lptfl.experiment.run_dir import CHECKPOINT, RunDirectory
+from lptfl.experiment.results import METRICS, read_metrics, summarize
+from lptfl.experiment.run_dir import RunDirectory
 from lptfl.fl import Server
 from lptfl.fl.server_algorithm import ServerAlgorithm
 from lptfl.flower.config import FlowerOptions, from_flower_config
@@ -93,10 +93,9 @@ class FlowerRun(RunAssembly):
             self._lines = checkpoint.metrics_lines
             log.info("resuming %s after round %d", run.path, checkpoint.round)
         else:
-            for name in (METRICS, SUMMARY, CHECKPOINT):
-                if (run.path / name).exists():
-                    log.warning("replacing %s from an earlier run", run.path / name)
-                    (run.path / name).unlink()
+            if (run.path / METRICS).exists():
+                log.warning("replacing the earlier run in %s", run.path)
+            run.prepare(overwrite=True)
         write_config(run.path, cfg)
 
     def _run_rounds(self, grid: Grid) -> None:

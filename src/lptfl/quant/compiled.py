@@ -93,8 +93,8 @@ class MaybeCompiled:
         copy_results: copy every result as soon as it is returned; None (default): in the modes of
             ``CUDA_GRAPH_MODES``, whose next replay overwrites a graph's outputs, so that a result
             read after another compiled call (a training loss summed after the optimizer's step)
-            is not gone (see results/gpu-2026-12-04). Callers that use a result
-            at once, before any other compiled call, pass False and save the copy.
+            is not gone (docs/measurements.md). Callers that use a result at once, before any
+            other compiled call, pass False and save the copy.
         compile_options: passed to ``torch.compile``; ``dynamic`` defaults to False: callers give
             fixed shapes (short batches are padded), and a graph traced for symbolic shapes
             after a shape change compiles many times slower.
