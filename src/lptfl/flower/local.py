@@ -310,10 +310,17 @@ class LocalFederation:
                 )
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every started process group, SIGKILL what is left after ``grace_s``, reap all."""
+        """SIGTERM every process of the federation, SIGKILL what is left after ``grace_s``, reap all.
+
+        The federation's processes are the started process groups and every process that carries
+        this federation's ``FLWR_HOME``: the SuperLink starts ``flower-superexec`` in a session of
+        its own, and that one starts the ServerApp, so neither is reached through the groups.
+        """
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
+        for pid in federation_pids(self.home):
+            _signal_pid(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for proc in reversed(self.processes):
             try:
@@ -321,11 +328,15 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 pass
         for proc in reversed(self.processes):
-            # the group may hold helpers (flower-superexec, ClientApp processes) even after the leader exited
+            # the group may hold helpers (ClientApp processes) even after the leader exited
             _signal_group(proc, signal.SIGKILL)
             if proc.poll() is None:
                 proc.wait()
         self.processes.clear()
+        while (left := federation_pids(self.home)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in left:
+            _signal_pid(pid, signal.SIGKILL)
 
     def close(self) -> None:
         self.stop()
@@ -419,6 +430,34 @@ class RoundProgress:
             log.info("round %d/%d: test accuracy %s, train loss %.4f, %.1f s", row["round"], self.total,
                      "-" if accuracy is None else f"{accuracy:.4f}", row["train_loss"], row["round_time_s"])
         self.seen = len(lines)
+
+
+def federation_pids(home: Path) -> set[int]:
+    """Processes of this machine whose environment holds ``FLWR_HOME=home`` (every process a
+    federation starts inherits it); empty where ``/proc`` cannot be read."""
+    marker = f"FLWR_HOME={home}".encode()
+    found = set()
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        if marker in environ:
+            found.add(int(entry.name))
+    return found
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
