@@ -1,25 +1,29 @@
-"""One round's local training of the paper's FMNIST setting: clients one after another against a batched cohort.
+"""One round's local training of the paper's FMNIST setting: the sequential path against the fast path.
 
 Run: ``python benchmarks/bench_round.py --data_path ../shared/data [--clients K] [--device cpu|cuda] [--json]``
 
 The paper's setting (REFERENCE §4: ConvNet width 128, alpha 0.01, 80 clients, batch 32, Adam 1e-3,
-one epoch; 8-bit W/A/G/E with BC blocks) on the first ``K`` clients sampled in round 1. Each
-repetition trains those clients from the same start four ways, interleaved so that background load
-falls on all alike: the sequential path as ``lptfl run`` trains one client after another (its
-default threads and compile setting: compiled at 8 bits, eager in fp32) and the batched cohort
-(:mod:`lptfl.fl.cohort`, compiled where the sequential path is), each in fp32 and in 8 bits. Times are medians over the repetitions after
-the first; ``startup_s`` is the first repetition's extra time on the fast path's 8-bit round
-(compilation, allocation). ``max_rel_diff_fp32_update`` is the largest relative L2 difference
-between a client's fp32 update from the two paths over all parameters;
-``max_rel_diff_fp32_update_live`` leaves out the parameters the model's output does not depend on
-(a convolution's bias right before instance norm, whose gradient is zero up to float noise that
-Adam's normalisation turns into full steps). The last line is JSON.
+one epoch; 8-bit W/A/G/E with BC blocks) on the first ``K`` clients sampled in round 1, trained from
+the initial model and encoded for the uplink, as :meth:`lptfl.sim.engine.Simulation.train` does in a
+round. Two simulations of each precision: the sequential path (``--workers 1 --cohort off``: one
+process trains one client after another with torch's default threads, as ``lptfl run`` did before
+workers and cohorts) and the fast path (``lptfl run``'s defaults on this machine: ``--workers auto``
+processes on a CPU, the batched cohort on CUDA; ``--workers`` / ``--cohort`` override them). The
+four are interleaved in each repetition so that background load falls on all alike; times are
+medians over the repetitions after the first. ``startup_s`` is the fast path's extra start-up: its
+workers' start plus its first 8-bit round's extra time (compilation, allocation).
+``max_rel_diff_fp32_update`` is the largest relative L2 difference between a client's fp32 update
+(the decoded uplink) from the two paths over all parameters; ``max_rel_diff_fp32_update_live``
+leaves out the parameters the model's output does not depend on (a convolution's bias right before
+instance norm, whose gradient is zero up to float noise that Adam's normalisation turns into full
+steps). The last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import resource
 import statistics
@@ -27,15 +31,15 @@ import time
 
 import torch
 
-from lptfl.data import load_dataset
+from lptfl import codec
 from lptfl.experiment.config import RunConfig
-from lptfl.experiment.setup import build_run_model, sample_clients, split_clients
-from lptfl.fl.client import LocalTrainer, TrainResult
-from lptfl.fl.cohort import CohortClient, CohortTrainer
-from lptfl.fl.seeds import derive_seed
+from lptfl.experiment.setup import sample_clients
+from lptfl.sim.client_side import ClientJob, RoundJob
+from lptfl.sim.engine import Simulation
 
 PAPER = dict(dataset="fmnist", model_name="ConvNet", num_clients=80, frac=0.4, alpha=0.01, epochs=1,
-             batch_size=32, lr=1e-3, block_dim="BC")
+             batch_size=32, lr=1e-3, block_dim="BC", c_rounds=200)
+Q8 = dict(use_quantization=True, quantization_bits=8)
 
 
 def sync(device: torch.device) -> None:
@@ -53,41 +57,9 @@ def prenorm_biases(model: torch.nn.Module) -> set[str]:
     return names
 
 
-class Setting:
-    """The model, start state and trainers of one precision."""
-
-    def __init__(self, config: RunConfig, data, device: torch.device) -> None:
-        policy = config.policy()
-        model = build_run_model(config, data)
-        self.start = {k: v.clone() for k, v in model.state_dict().items()}
-        example = data.train_x[: config.batch_size]
-        self.sequential = LocalTrainer(model, policy, optimizer=config.optimizer, lr=config.lr, example_input=example,
-                                       compile=not policy.is_full_precision, device=device)
-        self.cohort = CohortTrainer(self.sequential, compile=self.sequential.compiled)
-        self.skip = prenorm_biases(model)
-
-
-def run_sequential(setting: Setting, clients, xs, ys, config: RunConfig) -> list[TrainResult]:
-    out = []
-    for c in clients:
-        setting.sequential.inner.state.clear()
-        generator = torch.Generator().manual_seed(derive_seed(config.seed, 1, c))
-        out.append(setting.sequential.train(setting.start, xs[c], ys[c], epochs=config.epochs,
-                                            batch_size=config.batch_size, generator=generator))
-    return out
-
-
-def run_cohort(setting: Setting, clients, xs, ys, config: RunConfig) -> list[TrainResult]:
-    members = [CohortClient(setting.start, xs[c], ys[c], torch.Generator().manual_seed(derive_seed(config.seed, 1, c)))
-               for c in clients]
-    return [r.result for r in setting.cohort.train(members, epochs=config.epochs, batch_size=config.batch_size,
-                                                   lr=config.lr)]
-
-
-def relative_difference(a: TrainResult, b: TrainResult, start: dict, skip: set[str] = frozenset()) -> float:
-    names = [k for k in start if k not in skip]
-    num = sum(float(((a.state[k] - b.state[k]).double() ** 2).sum()) for k in names) ** 0.5
-    den = sum(float(((b.state[k].cpu() - start[k]).double() ** 2).sum()) for k in names) ** 0.5
+def relative_difference(a: dict, b: dict, start: dict, names: list[str]) -> float:
+    num = sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in names) ** 0.5
+    den = sum(float(((b[k].cpu() - start[k]).double() ** 2).sum()) for k in names) ** 0.5
     return num / den
 
 
@@ -96,48 +68,72 @@ def main() -> None:
     parser.add_argument("--data_path", default="../shared/data")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=0, help="the fast path's --workers (0: auto)")
+    parser.add_argument("--cohort", default="auto", choices=("auto", "on", "off"), help="the fast path's --cohort")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions (the first is the warm-up)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, format="%(name)s: %(message)s")
     device = torch.device(args.device)
-    base = RunConfig(**PAPER, data_path=args.data_path, device=args.device)
-    data = load_dataset("fmnist", args.data_path)
-    parts, _ = split_clients(base, data.train_y.numpy())
-    clients = sample_clients(base.num_clients, base.frac, base.seed, 1)[: args.clients]
-    xs = {c: data.train_x[torch.from_numpy(parts[c])] for c in clients}
-    ys = {c: data.train_y[torch.from_numpy(parts[c])] for c in clients}
-    settings = {"fp32": Setting(base, data, device),
-                "q8": Setting(RunConfig(**PAPER, data_path=args.data_path, device=args.device, use_quantization=True,
-                                        quantization_bits=8), data, device)}
-    times: dict[str, list[float]] = {}
-    last: dict[str, list[TrainResult]] = {}
-    for _ in range(args.repeats):
-        for precision in ("q8", "fp32"):
-            for path, run in (("sequential", run_sequential), ("fast", run_cohort)):
+    default_threads = torch.get_num_threads()
+    sims, threads, built = {}, {}, {}
+    for precision, extra in (("q8", Q8), ("fp32", {})):
+        for path, flags in (("sequential", dict(workers=1, cohort="off")),
+                            ("fast", dict(workers=args.workers, cohort=args.cohort))):
+            torch.set_num_threads(default_threads)
+            mark = time.perf_counter()
+            sims[path, precision] = Simulation(RunConfig(**PAPER, **extra, **flags, data_path=args.data_path,
+                                                         device=args.device))
+            built[path, precision] = time.perf_counter() - mark
+            threads[path, precision] = torch.get_num_threads()  # a worker group sets its own
+    some = sims["sequential", "fp32"]
+    clients = sample_clients(some.config.num_clients, some.config.frac, some.config.seed, 1)[: args.clients]
+    times: dict[tuple[str, str], list[float]] = {}
+    replies: dict[tuple[str, str], list] = {}
+    try:
+        for _ in range(args.repeats):
+            for key, sim in sims.items():
+                torch.set_num_threads(threads[key])
+                job = RoundJob(1, sim.config.lr, sim.server.downlink(), clients=[ClientJob(c) for c in clients])
                 sync(device)
                 mark = time.perf_counter()
-                last[f"{path}_{precision}"] = run(settings[precision], clients, xs, ys, base)
+                replies[key] = sim.train(job)
                 sync(device)
-                times.setdefault(f"{path}_{precision}", []).append(time.perf_counter() - mark)
+                times.setdefault(key, []).append(time.perf_counter() - mark)
+    finally:
+        workers = {key: sim.workers.size if sim.workers is not None else 1 for key, sim in sims.items()}
+        for sim in sims.values():
+            sim.close()
     median = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
-    fp32 = settings["fp32"]
-    pairs = list(zip(last["fast_fp32"], last["sequential_fp32"]))
+    start = some.initial
+    params = [name for name, _ in some.model.named_parameters()]
+    live = [name for name in params if name not in prenorm_biases(some.model)]
+    decoded = {key: [codec.decode(r.payload) for r in replies[key]] for key in (("fast", "fp32"), ("sequential", "fp32"))}
+    pairs = list(zip(decoded["fast", "fp32"], decoded["sequential", "fp32"]))
+    fast, sequential = sims["fast", "q8"], sims["sequential", "q8"]
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
+        "threads_sequential": threads["sequential", "q8"],
+        "workers_fast_q8": workers["fast", "q8"],
+        "threads_fast_q8": threads["fast", "q8"],
+        "workers_fast_fp32": workers["fast", "fp32"],
+        "threads_fast_fp32": threads["fast", "fp32"],
+        "cohort_fast": fast.clients.cohort is not None,
         "clients": len(clients),
-        "steps": sum(r.steps for r in last["sequential_q8"]),
-        "round_s_sequential_q8": round(median["sequential_q8"], 3),
-        "round_s_fast_q8": round(median["fast_q8"], 3),
-        "ratio_fast_over_sequential_q8": round(median["fast_q8"] / median["sequential_q8"], 3),
-        "round_s_sequential_fp32": round(median["sequential_fp32"], 3),
-        "round_s_fast_fp32": round(median["fast_fp32"], 3),
-        "ratio_fast_over_sequential_fp32": round(median["fast_fp32"] / median["sequential_fp32"], 3),
-        "max_rel_diff_fp32_update": max(relative_difference(a, b, fp32.start) for a, b in pairs),
-        "max_rel_diff_fp32_update_live": max(relative_difference(a, b, fp32.start, fp32.skip) for a, b in pairs),
-        "max_rel_diff_q8_loss": max(abs(a.loss - b.loss) / b.loss for a, b in zip(last["fast_q8"], last["sequential_q8"])),
+        "steps": sum(sequential.clients.steps(c) for c in clients),
+        "round_s_sequential_q8": round(median["sequential", "q8"], 3),
+        "round_s_fast_q8": round(median["fast", "q8"], 3),
+        "ratio_fast_over_sequential_q8": round(median["fast", "q8"] / median["sequential", "q8"], 3),
+        "round_s_sequential_fp32": round(median["sequential", "fp32"], 3),
+        "round_s_fast_fp32": round(median["fast", "fp32"], 3),
+        "ratio_fast_over_sequential_fp32": round(median["fast", "fp32"] / median["sequential", "fp32"], 3),
+        "max_rel_diff_fp32_update": max(relative_difference(a, b, start, params) for a, b in pairs),
+        "max_rel_diff_fp32_update_live": max(relative_difference(a, b, start, live) for a, b in pairs),
+        "max_rel_diff_q8_loss": max(abs(a.loss - b.loss) / b.loss
+                                    for a, b in zip(replies["fast", "q8"], replies["sequential", "q8"])),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "startup_s": round(times["fast_q8"][0] - median["fast_q8"], 3),
+        "startup_s": round(built["fast", "q8"] - built["sequential", "q8"]
+                           + times["fast", "q8"][0] - median["fast", "q8"], 3),
     }
     if not args.json:
         for key, value in result.items():

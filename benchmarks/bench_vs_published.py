@@ -92,7 +92,7 @@ class PublishedRound:
 
     def client(self, index: int) -> float:
         """Seconds of one client update (one epoch, batch 32), as the published ``Client`` runs it."""
-        x, y = self.sim.client_x[index], self.sim.client_y[index]
+        x, y = self.sim.clients.client_x[index], self.sim.clients.client_y[index]
         model = self.model
         model.load_state_dict(self.server_model.state_dict())  # synchronize_with_server
         optimizer = self.optimizers.setdefault(index, torch.optim.Adam(model.parameters(), lr=1e-3))

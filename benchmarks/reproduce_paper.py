@@ -181,6 +181,9 @@ def main() -> None:
     parser.add_argument("--turn_rounds", type=int, default=0,
                         help="rounds a run advances before yielding its process to the next run (0: no turns); "
                              "e.g. --parallel 2 --turn_rounds 5 advances three runs together on two cores")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes of each run (lptfl run --workers), each with --threads threads; the "
+                             "results do not depend on it")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (0: cpus // parallel); resume a run with the count it "
                              "started with for bit-identical rounds (a run warns when it changes)")
@@ -216,7 +219,7 @@ def main() -> None:
 
     try:
         run_grid(runs, args.rounds, parallel=args.parallel, turn_rounds=args.turn_rounds, after_each=refresh,
-                 checkpoint_every=args.checkpoint_every, threads=args.threads)
+                 checkpoint_every=args.checkpoint_every, threads=args.threads, workers=args.workers)
     except KeyboardInterrupt:
         log.warning("interrupted: each run finished its round and saved a checkpoint; the same command continues")
         raise SystemExit(130) from None

@@ -157,7 +157,11 @@ def _said_of(origin: dict[str, str]) -> Iterator[None]:
 
 def _command_run(args: argparse.Namespace) -> int:
     from lptfl.sim.runner import RunInterrupted, run_experiment
+    from lptfl.sim.workers import launched_rank, serve
 
+    if (launched_rank() or (0, 1))[0] > 0:  # a torchrun rank other than 0: rank 0 runs the experiment
+        serve()
+        return 0
     started = time.perf_counter()
 
     resume = getattr(args, "resume", None)

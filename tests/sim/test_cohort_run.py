@@ -46,12 +46,12 @@ def test_a_run_resumes_across_cohort_modes(tmp_path):
 
 
 def test_unbatchable_runs_say_why_and_train_one_client_at_a_time(caplog):
-    with caplog.at_level(logging.INFO, logger="lptfl.sim.engine"):
+    with caplog.at_level(logging.INFO, logger="lptfl.sim.client_side"):
         sim = Simulation(RunConfig(c_rounds=1, cohort="on", optimizer="sgd", **FAST))
-    assert sim.cohort is None
+    assert sim.clients.cohort is None
     assert "only Adam's update is batched" in caplog.text
-    with caplog.at_level(logging.INFO, logger="lptfl.sim.engine"):
-        assert Simulation(RunConfig(c_rounds=1, **FAST)).cohort is None  # auto: not on a CPU
+    with caplog.at_level(logging.INFO, logger="lptfl.sim.client_side"):
+        assert Simulation(RunConfig(c_rounds=1, **FAST)).clients.cohort is None  # auto: not on a CPU
     assert "one at a time (--cohort auto on cpu)" in caplog.text
 
 

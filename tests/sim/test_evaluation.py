@@ -53,8 +53,8 @@ def test_without_the_moving_average_the_paper_protocol_scores_the_runs_activatio
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "8bit"])
 def test_an_fp32_run_is_evaluated_once_and_records_both_scores(monkeypatch, quantized):
     calls = []
-    real = evaluation.evaluate
-    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    real = evaluation.evaluate_sums
+    monkeypatch.setattr(evaluation, "evaluate_sums", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     extra = Q8 if quantized else {}
     metrics = Simulation(RunConfig(c_rounds=1, moving_average=True, **extra, **FAST)).run_round()
     assert len(calls) == (2 if quantized else 1)

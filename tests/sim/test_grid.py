@@ -46,6 +46,9 @@ def test_runs_take_turns_of_rounds_keeping_their_full_length(tmp_path):
     resume = run_command(runs[0], 5, stop_after=3)
     assert resume[resume.index("--stop_after") + 1] == "3" and resume[resume.index("--c_rounds") + 1] == "5"
     assert "--stop_after" not in run_command(runs[0], 5, stop_after=5)
+    for workers in (1, 3):  # every run says how many processes train it: the grid shares out the cores
+        command = run_command(runs[0], 5, workers=workers)
+        assert command[command.index("--workers") + 1] == str(workers)
     with pytest.raises(ValueError, match="turn_rounds"):
         run_grid(runs, 2, turn_rounds=-1)
 

@@ -1,6 +1,4 @@
-import gzip
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -16,27 +14,6 @@ from lptfl.sim.engine import Simulation
 from lptfl.sim.runner import run_experiment
 
 FAST = dict(compile="off", model_width=8, num_clients=4, frac=0.5, epochs=1, batch_size=32)
-
-
-def write_idx(path, array, magic):
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
-
-
-def tiny_fmnist(root, n_train=240, n_test=80):
-    """A tiny Fashion-MNIST in the official IDX layout: class k images are bright in row band k."""
-    rng = np.random.default_rng(0)
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 40, size=(n, 28, 28))
-        for i, c in enumerate(labels):
-            images[i, 2 * c + 4 : 2 * c + 7, :] = 250
-        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images, 0x803)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels, 0x801)
-    return root
 
 
 def read_lines(path):
@@ -107,7 +84,7 @@ def test_downlink_rounding_keeps_or_erases_changes_below_half_a_grid_step():
     assert torch.equal(exact, served["gamma"]) and exact_bytes > 3 * nearest_bytes
 
 
-def test_fmnist_idx_files_end_to_end(tmp_path):
+def test_fmnist_idx_files_end_to_end(tmp_path, tiny_fmnist):
     tiny_fmnist(tmp_path / "data")
     # 3 local epochs at lr 1e-2: 60-79% after 3 rounds over seeds 0-2 with bf16 or fp32 products
     # (one epoch at 3e-3 reached 17-39%, too close to chance for a fixed threshold)
@@ -121,7 +98,7 @@ def test_fmnist_idx_files_end_to_end(tmp_path):
 
 def test_a_corrupted_uplink_is_skipped_and_the_round_completes(tmp_path, monkeypatch, caplog):
     from lptfl import codec
-    from lptfl.sim import engine
+    from lptfl.sim import client_side
 
     config = RunConfig(c_rounds=1, use_quantization=True, **FAST)
     sim = Simulation(config)
@@ -135,7 +112,7 @@ def test_a_corrupted_uplink_is_skipped_and_the_round_completes(tmp_path, monkeyp
             payload = payload[:-40] + bytes(40)
         return payload
 
-    monkeypatch.setattr(engine.codec, "encode", corrupting_encode)
+    monkeypatch.setattr(client_side.codec, "encode", corrupting_encode)
     monkeypatch.setattr("lptfl.fl.server.codec.encode", corrupting_encode)
     before = {k: v.clone() for k, v in sim.server.global_state.items()}
     with caplog.at_level("WARNING"):

@@ -285,6 +285,11 @@ class RunConfig:
                           "train one client at a time", choices=COHORT_MODES, resumable=True, drivers=("sim",))
     cohort_size: int = setting(0, PERFORMANCE, "clients per batched step (0: all of a round's clients); lower it "
                                "when memory is short", within="[0, inf)", resumable=True, drivers=("sim",))
+    workers: int = setting(0, PERFORMANCE, "processes that train each round's clients and score the served model "
+                           "(torch.distributed; the results do not depend on it): 0 = auto (on a CPU one per core, "
+                           "at most one per client of a round, for runs long enough to repay starting them; 1 on "
+                           "CUDA); under torchrun the launcher's ranks", within="[0, inf)", resumable=True,
+                           drivers=("sim",))
     compute: str = setting("auto", PRECISION, "auto, bf16 (exact bf16 products on a <=8-bit grid), fp32",
                            choices=COMPUTE_MODES)
     eval_precision: str = setting(

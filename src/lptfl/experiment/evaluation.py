@@ -21,7 +21,7 @@ from lptfl.data import Dataset
 from lptfl.experiment.config import RunConfig
 from lptfl.experiment.results import LAST_ROUNDS, TEST_FIELDS
 from lptfl.experiment.setup import build_run_model
-from lptfl.fl import evaluate
+from lptfl.fl.client import evaluate_sums
 from lptfl.fl.algorithms import vote_accuracy
 from lptfl.quant.compiled import MaybeCompiled
 
@@ -71,12 +71,34 @@ class ServedModelScorer:
                                                                mode=config.compile_mode))
         self.model, self.forward = self._models.get(self.scored, self._models["fp32_act"])
 
+    @property
+    def batches(self) -> int:
+        """Test batches of ``test_batch_size`` images (the last may be short)."""
+        return -(-int(self.test_y.shape[0]) // self.batch_size)
+
     def score(self, served: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """The test metrics (the :data:`TEST_FIELDS`) of the served model state ``served``."""
+        return self.combine([self.sums(served, range(self.batches))])
+
+    def sums(self, served: Mapping[str, torch.Tensor], batches: range) -> dict[str, tuple[float, int, int]]:
+        """Per scoring model, ``(summed loss in nats, correct, images)`` of the served model state
+        ``served`` on test batches ``batches`` (a part of :attr:`batches`; the parts of a split add up to
+        the whole's scores, batch by batch as in :meth:`score`)."""
+        rows = slice(batches.start * self.batch_size, batches.stop * self.batch_size)
+        pad = int(self.test_y.shape[0]) > self.batch_size
         results = {}
         for name, (model, forward) in self._models.items():
             model.load_state_dict(served)
-            results[name] = evaluate(model, self.test_x, self.test_y, batch_size=self.batch_size, forward=forward)
+            results[name] = evaluate_sums(model, self.test_x[rows], self.test_y[rows], batch_size=self.batch_size,
+                                          forward=forward, pad=pad)
+        return results
+
+    def combine(self, parts: list[dict[str, tuple[float, int, int]]]) -> dict[str, float]:
+        """The test metrics from the :meth:`sums` of the parts of the test set."""
+        results = {}
+        for name in parts[0]:
+            loss_sum, correct, count = (sum(part[name][i] for part in parts) for i in range(3))
+            results[name] = (loss_sum / max(count, 1), correct / max(count, 1))
         results.setdefault("policy_act", results["fp32_act"])
         loss, accuracy = results[self.scored]
         scores = {"test_accuracy": accuracy, "test_loss": loss}

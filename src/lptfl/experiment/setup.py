@@ -130,6 +130,17 @@ class CompilePlan:
         return self.train, self.eval
 
 
+def mean_client_steps(config: RunConfig, client_sizes: list[int]) -> float:
+    """Mean batches per local epoch over the clients (``client_sizes``: training samples per client)."""
+    return sum(math.ceil(n / config.batch_size) for n in client_sizes) / max(len(client_sizes), 1)
+
+
+def run_steps(config: RunConfig, client_sizes: list[int]) -> int:
+    """About how many local steps the whole run takes: rounds x sampled clients x epochs x mean batches."""
+    per_round = max(1, int(round(config.frac * config.num_clients)))
+    return int(config.c_rounds * per_round * config.epochs * mean_client_steps(config, client_sizes))
+
+
 def compile_plan(config: RunConfig, client_sizes: list[int], test_size: int, device: torch.device,
                  full_precision: bool, *, one_client_round: bool = False) -> CompilePlan:
     """``--compile``'s decision for a run: ``on`` / ``off`` as said; ``auto`` compiles nothing at full
@@ -151,15 +162,13 @@ def compile_plan(config: RunConfig, client_sizes: list[int], test_size: int, dev
         return CompilePlan(on, on, f"--compile {config.compile}")
     if full_precision:
         return CompilePlan(False, False, "--compile auto: nothing to fuse at full precision")
-    mean_steps = sum(math.ceil(n / config.batch_size) for n in client_sizes) / max(len(client_sizes), 1)
     if one_client_round:
-        steps = int(config.epochs * mean_steps)
+        steps = int(config.epochs * mean_client_steps(config, client_sizes))
         return CompilePlan(steps >= COMPILE_MIN_STEPS, False, f"--compile auto for one client's round: ~{steps} "
                            f"local steps a process (compiled from {COMPILE_MIN_STEPS})")
     if device.type == "cuda":
         return CompilePlan(True, True, "--compile auto on CUDA")
-    per_round = max(1, int(round(config.frac * config.num_clients)))
-    steps = int(config.c_rounds * per_round * config.epochs * mean_steps)
+    steps = run_steps(config, client_sizes)
     evaluated = sum(1 for r in range(1, config.c_rounds + 1)
                     if r % config.eval_every == 0 or r > config.c_rounds - LAST_ROUNDS)
     samples = evaluated * test_size

@@ -130,9 +130,20 @@ class LocalStateBank:
         out.update(self.local(client))
         return out
 
+    def own(self, client: int) -> State | None:
+        """The client's own entries, or None while it has not trained."""
+        return self.states.get(client)
+
+    def put(self, client: int, state: Mapping[str, torch.Tensor] | None) -> None:
+        """Make ``state`` the client's own entries (None: it has none, it starts from the initial ones)."""
+        if state is None:
+            self.states.pop(client, None)
+        else:
+            self.states[client] = {k: state[k].detach().cpu().clone() for k in self.names}
+
     def keep(self, client: int, state: Mapping[str, torch.Tensor]) -> State:
         """Store the client's local entries of ``state``; return the rest (what is sent up)."""
-        self.states[client] = {k: state[k].detach().cpu().clone() for k in self.names}
+        self.put(client, state)
         return {k: v for k, v in state.items() if k not in self.initial}
 
     def state_dict(self) -> dict[int, State]:

@@ -267,31 +267,49 @@ def evaluate(
     ``batch_size`` rows (a short last batch is padded with copies of its own rows, which
     leaves per-tensor activation maxima unchanged, and the copies are not scored).
     """
+    loss_sum, correct, n = evaluate_sums(model, x, y, batch_size=batch_size, forward=forward)
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate_sums(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 1000,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    pad: bool | None = None,
+) -> tuple[float, int, int]:
+    """(summed cross-entropy in nats, correct predictions, samples) of ``model`` on ``(x, y)``: the
+    sums of :func:`evaluate`, which add up over parts of a test set split at batch boundaries.
+    ``pad``: pad a short last batch (None: where ``x`` has more than one batch; a part of a test set
+    passes what the whole would do)."""
     model.eval()
     forward = model if forward is None else forward
     device = next(model.parameters()).device
-    n = int(y.shape[0])
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for i, logits in batched_logits(forward, x, batch_size, device):
+    for i, logits in batched_logits(forward, x, batch_size, device, pad=pad):
         yb = y[i : i + logits.shape[0]].to(device)
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").to(torch.float64)
         correct += (logits.argmax(1) == yb).sum()
-    return float(loss_sum) / max(n, 1), int(correct) / max(n, 1)
+    return float(loss_sum), int(correct), int(y.shape[0])
 
 
 def batched_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
-                   device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+                   device: torch.device, *, pad: bool | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start index, logits)`` of ``forward`` over ``x`` in batches of ``batch_size`` rows on ``device``.
 
-    A short last batch (when ``x`` has more than one batch) is padded to full size with copies of
-    its own rows, so a compiled ``forward`` sees one shape and per-tensor activation maxima are
-    unchanged; the copies' logits are dropped.
+    A short last batch is padded to full size with copies of its own rows (``pad``; None: when ``x``
+    has more than one batch), so a compiled ``forward`` sees one shape and per-tensor activation
+    maxima are unchanged; the copies' logits are dropped.
     """
     n = int(x.shape[0])
+    pad = n > batch_size if pad is None else pad
     for i in range(0, n, batch_size):
         xb = x[i : i + batch_size].to(device)
         k = int(xb.shape[0])
-        if k < batch_size and n > batch_size:
+        if k < batch_size and pad:
             xb = xb[torch.arange(batch_size, device=device) % k]
         yield i, forward(xb)[:k]

@@ -65,6 +65,15 @@ class ClientAlgorithm:
         """What ``client`` sends of its trained ``state`` (FedBN: keeps its batch norm)."""
         return state if self.bank is None else self.bank.keep(client, state)
 
+    def client_state(self, client: int) -> State | None:
+        """What ``client`` keeps between rounds (FedBN: its batch norm), or None (nothing kept yet)."""
+        return None if self.bank is None else self.bank.own(client)
+
+    def load_client_state(self, client: int, state: Mapping[str, torch.Tensor] | None) -> None:
+        """Make ``state`` (what :meth:`client_state` returned, perhaps in another process) ``client``'s."""
+        if self.bank is not None:
+            self.bank.put(client, state)
+
     def label_counts(self, y: torch.Tensor) -> torch.Tensor | None:
         """Samples per class of labels ``y`` where the server needs them (FedGen, FedFTG), else None."""
         return label_counts(y, self.num_classes) if self.reports_label_counts else None

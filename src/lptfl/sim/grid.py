@@ -48,24 +48,27 @@ def rounds_done(run_dir: Path) -> int:
 
 
 def run_command(run: GridRun, rounds: int, checkpoint_every: int = 1,
-                stop_after: int | None = None) -> list[str] | None:
+                stop_after: int | None = None, workers: int = 1) -> list[str] | None:
     """The command that starts or resumes ``run`` to ``rounds`` rounds; None when it is done.
 
     ``checkpoint_every`` applies to a run's start (a resumed run keeps its saved setting); a
     resumed run takes ``--device``, ``--data_path`` and ``--compile`` from the grid's flags, so a
     run started on one machine continues on another. ``stop_after`` (a round below ``rounds``)
-    pauses the run there with a checkpoint; the run's own length stays ``rounds``.
+    pauses the run there with a checkpoint; the run's own length stays ``rounds``. ``workers`` is the
+    run's ``--workers`` (processes that train its rounds' clients).
     """
     if rounds_done(run.run_dir) >= rounds:
         return None
-    pause = [] if stop_after is None or stop_after >= rounds else ["--stop_after", str(stop_after)]
+    extra = ["--workers", str(workers)]
+    if stop_after is not None and stop_after < rounds:
+        extra += ["--stop_after", str(stop_after)]
     if (run.run_dir / "config.json").exists():
         overrides = [part for i, flag in enumerate(run.flags[:-1]) if flag in RESUME_OVERRIDES
                      for part in (flag, run.flags[i + 1])]
         return [sys.executable, "-m", "lptfl", "run", "--resume", str(run.run_dir), *overrides,
-                "--c_rounds", str(rounds), *pause, "--quiet"]
+                "--c_rounds", str(rounds), *extra, "--quiet"]
     return [sys.executable, "-m", "lptfl", "run", *run.flags, "--c_rounds", str(rounds), "--out", str(run.run_dir),
-            "--checkpoint_every", str(checkpoint_every), *pause, "--quiet"]
+            "--checkpoint_every", str(checkpoint_every), *extra, "--quiet"]
 
 
 def _interrupt(signum: int, _frame) -> None:
@@ -74,7 +77,7 @@ def _interrupt(signum: int, _frame) -> None:
 
 def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1, turn_rounds: int = 0,
              after_each: Callable[[], None] | None = None, poll_s: float = 2.0,
-             checkpoint_every: int = 1, threads: int = 0) -> None:
+             checkpoint_every: int = 1, threads: int = 0, workers: int = 1) -> None:
     """Bring every run of ``runs`` to ``rounds`` rounds, ``parallel`` at a time.
 
     SIGINT and SIGTERM stop the grid (KeyboardInterrupt), also where a shell started it in the
@@ -96,6 +99,7 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1, turn_ro
         threads: torch threads of each process (0: ``max(1, cpus // parallel)``). A run resumed
             under another thread count than it started with trains validly but not bit-identically
             (the run warns); give the one it started with to retrace an earlier run exactly.
+        workers: processes of each run (its ``--workers``), each with ``threads`` threads.
 
     Raises:
         RuntimeError: a run's process failed (the others are left to finish first).
@@ -118,7 +122,7 @@ def run_grid(runs: Sequence[GridRun], rounds: int, *, parallel: int = 1, turn_ro
                     run = pending.pop(0)
                     before = rounds_done(run.run_dir)
                     stop_after = before + turn_rounds if turn_rounds else None
-                    command = run_command(run, rounds, checkpoint_every, stop_after)
+                    command = run_command(run, rounds, checkpoint_every, stop_after, workers)
                     if command is None:
                         log.info("%s: finished already, skipped", run.run_dir.name)
                         continue

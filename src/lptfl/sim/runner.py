@@ -105,8 +105,7 @@ def run_experiment(
             started = nullcontext()
         else:
             started = run.new_run(overwrite=overwrite)
-        with started:
-            sim = Simulation(config, out_dir)
+        with started, Simulation(config, out_dir) as sim:  # leaving it stops the worker processes
             lines = 0
             if resume:
                 restore_run(sim, checkpoint)
