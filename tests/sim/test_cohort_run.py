@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from lptfl.experiment.config import RunConfig
 from lptfl.experiment.results import compare_rounds, read_metrics
@@ -35,6 +36,28 @@ def test_cohort_size_splits_the_round_into_several_batched_steps():
     assert (split.test_accuracy, split.train_loss) == (whole.test_accuracy, whole.train_loss)
 
 
+def test_a_cohort_that_runs_out_of_memory_is_halved_until_it_fits(monkeypatch, caplog):
+    from lptfl.fl.cohort import CohortTrainer
+
+    whole = Simulation(RunConfig(c_rounds=2, cohort="on", **FAST, **Q8))
+    expected = [whole.run_round() for _ in range(2)]
+    real_train, sizes = CohortTrainer.train, []
+
+    def train_two_at_most(self, clients, **kwargs):
+        sizes.append(len(clients))
+        if len(clients) > 2:
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return real_train(self, clients, **kwargs)
+
+    monkeypatch.setattr(CohortTrainer, "train", train_two_at_most)
+    sim = Simulation(RunConfig(c_rounds=2, cohort="on", **FAST, **Q8))
+    with caplog.at_level(logging.WARNING):
+        rounds = [sim.run_round() for _ in range(2)]
+    assert sizes == [3, 1, 1, 1, 1, 1, 1]  # 3 clients a round: 3 fails, halved to 1 for the rest of the run
+    assert "ran out of memory; 1 clients per step" in caplog.text
+    assert [(r.test_accuracy, r.train_loss) for r in rounds] == [(r.test_accuracy, r.train_loss) for r in expected]
+
+
 def test_a_run_resumes_across_cohort_modes(tmp_path):
     config = RunConfig(c_rounds=3, cohort="on", **FAST, **Q8)
     run_experiment(config, tmp_path / "whole", progress=False)
@@ -56,8 +79,6 @@ def test_unbatchable_runs_say_why_and_train_one_client_at_a_time(caplog):
 
 
 def test_compile_auto_compiles_where_it_pays_off():
-    import torch
-
     from lptfl.experiment.setup import compile_plan
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -71,13 +71,16 @@ def test_a_run_resumes_with_another_number_of_workers(tmp_path):
 
 
 def test_auto_starts_workers_only_where_they_pay_off(monkeypatch):
-    monkeypatch.setattr("lptfl.sim.workers.usable_cpus", lambda: 4)
-    long_q8 = RunConfig(c_rounds=200, **SMALL, **Q8)
-    assert worker_count(long_q8, 10_000)[0] == 4  # one per core at low precision, at most one per client
-    assert worker_count(RunConfig(c_rounds=200, **SMALL), 10_000)[0] == 2  # fp32: two cores a process
-    assert worker_count(long_q8, 100)[0] == 1  # too little work to repay a start
+    cores = {"n": 16}
+    monkeypatch.setattr("lptfl.sim.workers.usable_cpus", lambda: cores["n"])
+    long_run = RunConfig(c_rounds=200, **SMALL, **Q8)
+    assert worker_count(long_run, 10_000)[0] == 4  # four cores a process, at most one per client of a round
+    assert worker_count(RunConfig(c_rounds=200, **dict(SMALL, num_clients=2)), 10_000)[0] == 2
+    assert worker_count(long_run, 100)[0] == 1  # too little work to repay a start
     assert worker_count(RunConfig(c_rounds=200, workers=3, **SMALL, **Q8), 100)[0] == 3  # as said
     assert worker_count(RunConfig(c_rounds=200, device="cuda", **SMALL, **Q8), 10_000)[0] == 1
+    cores["n"] = 2
+    assert worker_count(long_run, 10_000)[0] == 1  # two cores: one process with both threads
 
 
 def test_a_failing_worker_stops_the_run_with_its_error(tmp_path, tiny_fmnist):

@@ -283,10 +283,10 @@ class RunConfig:
     cohort: str = setting("auto", PERFORMANCE, "train a round's clients together as one batched model (vmap): auto "
                           "(on with CUDA), on, off; configurations that cannot be batched (batch norm, FedGen, SGD) "
                           "train one client at a time", choices=COHORT_MODES, resumable=True, drivers=("sim",))
-    cohort_size: int = setting(0, PERFORMANCE, "clients per batched step (0: all of a round's clients); lower it "
-                               "when memory is short", within="[0, inf)", resumable=True, drivers=("sim",))
+    cohort_size: int = setting(0, PERFORMANCE, "clients per batched step (0: as many of a round's clients as fit "
+                               "in memory: all, halved whenever a step runs out of memory)", within="[0, inf)", resumable=True, drivers=("sim",))
     workers: int = setting(0, PERFORMANCE, "processes that train each round's clients and score the served model "
-                           "(torch.distributed; the results do not depend on it): 0 = auto (on a CPU one per core, "
+                           "(torch.distributed; the results do not depend on it): 0 = auto (on a CPU one per 4 cores, "
                            "at most one per client of a round, for runs long enough to repay starting them; 1 on "
                            "CUDA); under torchrun the launcher's ranks", within="[0, inf)", resumable=True,
                            drivers=("sim",))

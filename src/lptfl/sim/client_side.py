@@ -103,6 +103,9 @@ class ClientSide:
         )
         self.uplink_full_precision = [k for k in run.full_precision if k not in algorithm.local_names]
         self.cohort = self._cohort_trainer(run.device)
+        # clients per batched step under --cohort_size 0: all of a round's until a step runs out of
+        # memory, then halved until one fits (kept for the rest of the run)
+        self._fitting: int | None = None
 
     @classmethod
     def of(cls, run: RunAssembly) -> "ClientSide":
@@ -176,15 +179,27 @@ class ClientSide:
                     store.save(client, self.trainer.inner)
                 yield client, result
             return
-        size = cfg.cohort_size or max(len(clients), 1)
-        for first in range(0, len(clients), size):
-            chunk = clients[first : first + size]
+        first = 0
+        while first < len(clients):
+            chunk = clients[first : first + (self.config.cohort_size or self._fitting or len(clients))]
             members = [CohortClient(algorithm.start(c, start_state), self.client_x[c], self.client_y[c],
                                     generator(c), None if store is None else store.arrays(c))
                        for c in chunk]
-            results = self.cohort.train(members, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=job.lr,
-                                        prox_mu=0.0 if regularizer is None else regularizer.mu)
+            try:
+                results = self.cohort.train(members, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=job.lr,
+                                            prox_mu=0.0 if regularizer is None else regularizer.mu)
+            except torch.OutOfMemoryError:
+                if self.config.cohort_size or len(chunk) == 1:
+                    raise
+                del members
+                self._fitting = len(chunk) // 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log.warning("a batched step of %d clients ran out of memory; %d clients per step from now on",
+                            len(chunk), self._fitting)
+                continue  # the chunk again, smaller, from fresh generators: its rounds are as if never tried
             for client, done in zip(chunk, results):
                 if store is not None and done.optimizer_state is not None:
                     store.save_arrays(client, done.optimizer_state)
                 yield client, done.result
+            first += len(chunk)

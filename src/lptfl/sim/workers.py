@@ -42,13 +42,13 @@ log = logging.getLogger(__name__)
 # and a share of a round can take many minutes on a CPU; a rank that dies closes its sockets, which
 # the others see at once.
 _COLLECTIVE_TIMEOUT = timedelta(hours=12)
-_START_TIMEOUT_S = 600.0  # for the worker processes to start (import torch, build the run)
+_START_TIMEOUT_S = 600.0  # for the ranks to meet (a worker imports torch; a rank waits for rank 0's store)
 # --workers auto starts workers for runs of at least this many local steps: starting one (a Python
 # process that imports torch and builds the run) costs seconds, a step tens of milliseconds
 WORKERS_MIN_STEPS = 500
-# --workers auto gives a full-precision process this many cores: fp32 convolutions use a second
-# thread well, while a low-precision step's many small quantizer ops do not (docs/workers.md)
-THREADS_FP32 = 2
+# --workers auto gives each process this many cores: one process uses a few threads well on a
+# batch of 32, and on two cores a second process was no faster than a second thread (docs/workers.md)
+THREADS_PER_WORKER = 4
 _GROUP_PREFIX = "lptfl"  # the group's keys in the store, apart from a launcher's own
 
 
@@ -75,14 +75,12 @@ def worker_count(config: RunConfig, run_steps: int) -> tuple[int, str]:
     if torch.device(config.device).type == "cuda":
         return 1, "--workers auto on CUDA: one process drives the GPU"
     per_round = max(1, int(round(config.frac * config.num_clients)))
-    cores, low_precision = usable_cpus(), not config.policy().is_full_precision
-    count = min(cores if low_precision else cores // THREADS_FP32, per_round)
+    cores = usable_cpus()
     if run_steps < WORKERS_MIN_STEPS:
         return 1, f"--workers auto: ~{run_steps} local steps in the run, too few to repay starting workers " \
                   f"(from {WORKERS_MIN_STEPS})"
-    return max(count, 1), (f"--workers auto: {cores} CPU cores, {per_round} clients a round, "
-                           f"{'one core' if low_precision else f'{THREADS_FP32} cores'} per process at "
-                           f"{'low' if low_precision else 'full'} precision")
+    count = max(1, min(cores // THREADS_PER_WORKER, per_round))
+    return count, f"--workers auto: {cores} CPU cores, {THREADS_PER_WORKER} per process, {per_round} clients a round"
 
 
 def start_workers(config: RunConfig, run_steps: int) -> "WorkerGroup | None":
@@ -142,8 +140,8 @@ class WorkerGroup:
         group._logs = logs
         torch.set_num_threads(threads)
         try:
-            store = dist.TCPStore("127.0.0.1", port, size, is_master=True, timeout=_COLLECTIVE_TIMEOUT,
-                                  wait_for_workers=False)
+            store = dist.TCPStore("127.0.0.1", port, size, is_master=True,
+                                  timeout=timedelta(seconds=_START_TIMEOUT_S), wait_for_workers=False)
             group._wait_started(store, logs)
             group._form(store, config)
         except BaseException:
@@ -270,7 +268,7 @@ def _launcher_store(rank: int, size: int) -> dist.TCPStore:
     (``torchrun``'s agent does, and says so in ``TORCHELASTIC_USE_AGENT_STORE``)."""
     host = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=host,
-                         timeout=_COLLECTIVE_TIMEOUT, wait_for_workers=False)
+                         timeout=timedelta(seconds=_START_TIMEOUT_S), wait_for_workers=False)
 
 
 def _env_threads() -> int | None:
