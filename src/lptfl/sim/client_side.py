@@ -9,6 +9,7 @@ the simulator's process keeps every client's state and any process can train any
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -123,8 +124,10 @@ class ClientSide:
         if why is not None:
             log.warning("--cohort %s: clients train one at a time: %s", mode, why)
             return None
-        size = self.config.cohort_size or "all the round's"
-        log.info("clients train as one batched model, %s clients per step (--cohort %s)", size, mode)
+        size = self.config.cohort_size
+        log.info("clients train as one batched model, %s per step (--cohort %s)",
+                 f"{size} clients" if size else "all of a round's clients (halved while a step runs out of memory)",
+                 mode)
         return CohortTrainer(self.trainer, compile=self.trainer.compiled, compile_mode=self.config.compile_mode)
 
     def steps(self, client: int) -> int:
@@ -156,7 +159,7 @@ class ClientSide:
         return replies
 
     def _updates(self, clients: list[int], start_state: State, regularizer, job: RoundJob,
-                 store: ClientStateStore | None):
+                 store: ClientStateStore | None) -> Iterator[tuple[int, TrainResult]]:
         """``(client, its update)`` for each of ``clients`` in order: a batched cohort at a time where
         the run has a cohort trainer, else one after another; ``store`` holds their optimizer states."""
         cfg, algorithm = self.config, self.algorithm

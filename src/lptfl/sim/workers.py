@@ -220,9 +220,10 @@ class WorkerGroup:
         return answers
 
     def close(self) -> None:
-        """Stop the workers and leave the group. Workers left waiting by an interrupted exchange, or
-        that do not stop within 30 s, are killed."""
-        if self._channel is not None and not self._exchanging:
+        """Stop the workers and leave the group. Workers that cannot be told to stop (the group never
+        formed, or an exchange was interrupted), or that do not stop within 30 s, are killed."""
+        told = self._channel is not None and not self._exchanging
+        if told:
             for rank in range(1, self.size):
                 try:
                     self._channel.send(("stop",), rank)
@@ -231,7 +232,7 @@ class WorkerGroup:
         self._channel = None
         for proc in self._processes:
             try:
-                proc.wait(timeout=0 if self._exchanging else 30)
+                proc.wait(timeout=30 if told else 0)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
