@@ -17,7 +17,8 @@ another count than it started with is valid but no longer bit-identical. Afterwa
 ``<out>/table.md`` (mean +- std of the last 5 rounds beside the paper's numbers, and the paper's
 claim checked on that window and on every 5-round window of the second half) and
 ``<out>/curves.png`` are (re)written from whatever exists, so partial progress is always visible;
-the table is printed at the end (also when every run is finished already and skipped).
+the table is printed at the end (also when every run is finished already and skipped);
+``--table_only`` rewrites and prints it from the metrics in ``--out`` without training.
 """
 
 from __future__ import annotations
@@ -193,6 +194,8 @@ def main() -> None:
     parser.add_argument("--checkpoint_every", type=int, default=1,
                         help="rounds between checkpoints (a stop signal always checkpoints first); "
                              "raise it where rounds take seconds, e.g. 10 on a GPU")
+    parser.add_argument("--table_only", action="store_true",
+                        help="train nothing: rewrite and print the table and its verdicts from the metrics in --out")
     parser.add_argument("--archive", type=Path,
                         help="also pack the result files (no checkpoints) into this .tar.gz, even when interrupted")
     args = parser.parse_args()
@@ -217,6 +220,11 @@ def main() -> None:
             write_table(args.out, present, args.alpha, args.rounds, args.model_width)
             plot_curves(present, args.out / "curves.png")
 
+    if args.table_only:
+        refresh()
+        table = args.out / "table.md"
+        print(table.read_text() if table.exists() else f"no run with metrics in {args.out}")
+        return
     try:
         run_grid(runs, args.rounds, parallel=args.parallel, turn_rounds=args.turn_rounds, after_each=refresh,
                  checkpoint_every=args.checkpoint_every, threads=args.threads, workers=args.workers)
