@@ -10,10 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from lptfl.cli import main
 from lptfl.experiment.config import RunConfig
 from lptfl.experiment.results import compare_rounds, read_metrics
 from lptfl.sim.engine import Simulation
@@ -127,3 +130,48 @@ def test_torchrun_ranks_train_the_rounds_of_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = compare_rounds(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "ranks"))
     assert (result.compared, result.identical) == (2, 2)
+
+
+def processes_marked(marker: str) -> list[int]:
+    """Processes whose environment holds ``LPTFL_TEST_RUN=marker`` (a run and its workers inherit it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if f"LPTFL_TEST_RUN={marker}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_round_stops_the_workers_and_the_run_resumes(tmp_path):
+    out, marker = tmp_path / "run", str(tmp_path)
+    flags = ["--dataset", "digits", "--num_clients", "4", "--frac", "1.0", "--batch_size", "64", "--model_width", "8",
+             "--compile", "off", "--c_rounds", "4", "--use_quantization", "--quantization_bits", "8",
+             "--moving_average", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "lptfl", "run", *flags, "--workers", "2", "--out", str(out)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "LPTFL_TEST_RUN": marker})
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").exists() and b"\n" in (out / "metrics.jsonl").read_bytes()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "round 1 did not finish"
+            time.sleep(0.1)
+        assert len(processes_marked(marker)) == 2  # the run and its worker
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert processes_marked(marker) == []  # the worker stopped with the run
+    done = len(read_metrics(out))
+    assert 1 <= done < 4
+    run_experiment(RunConfig(c_rounds=4, workers=1, **SMALL, **Q8), tmp_path / "whole", progress=False)
+    assert main(["run", "--resume", str(out), "--workers", "1", "--quiet"]) == 0
+    result = compare_rounds(read_metrics(tmp_path / "whole"), read_metrics(out))
+    assert (result.compared, result.identical) == (4, 4)
