@@ -227,12 +227,12 @@ def test_algorithms_run_end_to_end_on_digits(extra):
         json.dumps(metrics.__dict__)
     if config.aggregation_mode == "fedbn":
         assert metrics.vote_accuracy is not None and 0.0 <= metrics.vote_accuracy <= 1.0
-        assert sim.server.local_names and set(sim.algorithm.bank.states) >= set(metrics.clients)
+        assert sim.server.local_names and set(sim.algorithm.client.bank.states) >= set(metrics.clients)
     if config.aggregation_mode == "fedgen":
         assert metrics.bytes_down_per_client > len(sim.server.downlink())  # the generator travels too
-        assert sim.algorithm.fedgen.last_loss is not None
+        assert sim.algorithm.server.fedgen.last_loss is not None
     if config.aggregation_mode == "fedftg":
-        assert set(sim.algorithm.fedftg.last_losses) == {"generator", "distill"}
+        assert set(sim.algorithm.server.fedftg.last_losses) == {"generator", "distill"}
     if config.aggregation_mode in ("fedbn", "fedgen", "fedftg") or config.server_optimizer != "none":
         fresh = Simulation(config)  # a new object: loading into the one that saved it proves nothing
         stateful = [sim.server] + ([sim.algorithm] if config.aggregation_mode in ("fedbn", "fedgen", "fedftg") else [])

@@ -40,7 +40,6 @@ class RunAlgorithm:
 
     def __init__(self, client: ClientAlgorithm, server: ServerAlgorithm) -> None:
         self.client, self.server = client, server
-        self.bank, self.fedgen, self.fedftg = client.bank, server.fedgen, server.fedftg
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**self.server.state_dict(), **self.client.state_dict()}
