@@ -252,7 +252,6 @@ class LocalTrainer:
         return TrainResult(state=state, loss=float(total) / max(n * epochs, 1), num_samples=n, steps=steps)
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     x: torch.Tensor,

@@ -187,10 +187,11 @@ class WorkerGroup:
         ``local`` trains rank 0's. The replies come back in ``job``'s order."""
         shares = [[] for _ in range(self.size)]
         loads = [0] * self.size
-        for entry in sorted(job.clients, key=lambda e: (-cost(e.client), e.client)):
+        steps = {entry.client: cost(entry.client) for entry in job.clients}
+        for entry in sorted(job.clients, key=lambda e: (-steps[e.client], e.client)):
             rank = min(range(self.size), key=lambda r: (loads[r], r))
             shares[rank].append(entry)
-            loads[rank] += cost(entry.client)
+            loads[rank] += steps[entry.client]
         jobs = [replace(job, clients=share) for share in shares]
         answers = self._exchange([("train", share) for share in jobs], lambda: local(jobs[0]))
         by_client = {reply.client: reply for answer in answers for reply in answer}
