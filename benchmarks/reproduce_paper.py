@@ -7,15 +7,16 @@ Run on a GPU machine and bring everything back as one archive:
         --checkpoint_every 10 --archive results.tar.gz
 or, under a time limit, ``bash benchmarks/reproduce_on_gpu.sh`` (it stops the runs cleanly and packs them).
 
-Each configuration runs in its own ``lptfl run`` process into ``<out>/<config>[-s<seed>]/`` with a
-checkpoint every round (:mod:`lptfl.sim.grid`). Finished runs (summary.json with all rounds) are
+Each configuration runs in its own ``lptfl run`` process into ``<out>/<config>[-a<alpha>][-s<seed>]/``
+(no alpha tag at alpha 0.01, no seed tag for seed 0) with a checkpoint every round (:mod:`lptfl.sim.grid`). Finished runs (summary.json with all rounds) are
 skipped; a run with a checkpoint continues with ``--resume``; ``--parallel N`` advances N runs
 together, and ``--turn_rounds K`` lets more runs than processes take turns of K rounds (three runs
 on two cores: ``--parallel 2 --turn_rounds 5``, one process per core). Each process gets
 ``cpus // parallel`` torch threads unless ``--threads`` says otherwise; a run continued under
 another count than it started with is valid but no longer bit-identical. Afterwards
-``<out>/table.md`` (mean +- std of the last 5 rounds beside the paper's numbers, and the paper's
-claim checked on that window and on every 5-round window of the second half) and
+``<out>/table.md`` (one section per alpha: mean +- std of the last 5 rounds beside the paper's
+numbers, and the paper's claim checked on that window and on every 5-round window of the second
+half; over seeds, both scores and the claim on paired seeds) and
 ``<out>/curves.png`` are (re)written from whatever exists, so partial progress is always visible;
 the table is printed at the end (also when every run is finished already and skipped);
 ``--table_only`` rewrites and prints it from the metrics in ``--out`` without training.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from lptfl.experiment.results import LAST_ROUNDS
@@ -35,6 +37,7 @@ from lptfl.report import (
     paired_differences,
     plot_curves,
     rows_table,
+    seed_of,
     seed_rows,
     window_verdicts,
 )
@@ -80,6 +83,21 @@ PAPER = {
     0.16: {"q8-avg": (90.6, 0.3), "q6-avg": (89.7, 0.5), "fp32-avg": (90.7, 0.2),
            "q8-noavg": (87.4, 2.2), "q6-noavg": (83.0, 1.3), "fp32-noavg": (90.2, 0.5)},
 }
+DEFAULT_ALPHA = 0.01  # the paper's first column; its runs' folders carry no alpha tag
+_ALPHA_TAG = re.compile(r"-a\d+(?:\.\d+)?(?:e-?\d+)?(?=(?:-s\d+)?$)")
+
+
+def run_folder(config: str, alpha: float, seed: int) -> str:
+    """The folder of one run: ``<config>``, then ``-a<alpha>`` unless alpha is :data:`DEFAULT_ALPHA`,
+    then ``-s<seed>`` unless the seed is 0."""
+    return f"{config}{'' if alpha == DEFAULT_ALPHA else f'-a{alpha:g}'}{'' if seed == 0 else f'-s{seed}'}"
+
+
+def without_alpha_tag(folder: str) -> str:
+    """A run folder's name without its ``-a<alpha>`` tag (``q8-avg-a0.04-s1`` -> ``q8-avg-s1``)."""
+    return _ALPHA_TAG.sub("", folder)
+
+
 # The paper's claim (issue 7's acceptance), in accuracy points: 8-bit training with the server
 # average is within 1 point of full-precision FedAvg and at least 3 above 8-bit without the average.
 # Checked on q8-avg as scored here (8-bit activations) and, where it ran, as the published code scores it.
@@ -101,7 +119,7 @@ def claim_section(rows: dict[str, dict], rounds: int) -> str:
         done = ", ".join(f"{name} {rows[name]['rounds']}" for name in names)
         status = ("final" if all(rows[name]["rounds"] >= rounds for name in names)
                   else f"provisional: rounds so far {done} of {rounds}")
-        sections.append(f"\n## The paper's claim on {subject} ({status})\n\n" + "\n".join(verdicts) + "\n")
+        sections.append(f"\n### The paper's claim on {subject} ({status})\n\n" + "\n".join(verdicts) + "\n")
         windows = window_verdicts(rows, subject, CLAIM_MARGINS, first_end=max(rounds // 2, LAST_ROUNDS))
         if windows:
             sections.append(f"\nThe same comparisons on every {LAST_ROUNDS}-round window of the second half "
@@ -109,34 +127,44 @@ def claim_section(rows: dict[str, dict], rounds: int) -> str:
     return "".join(sections)
 
 
-def write_table(out: Path, run_dirs: list[Path], alpha: float, rounds: int = PAPER_ROUNDS, width: int = 0) -> None:
-    """``table.md``: our runs (mean +- std of the last 5 rounds) beside the paper's numbers, and
-    the paper's claim checked on them (final once every compared run has ``rounds`` rounds).
-    ``width``: the ConvNet's width when it is not the paper's (0: the paper's 128); such runs are
-    compared with each other only, without the paper's figures or its claim."""
-    rows = {run_dir.name: describe(run_dir) for run_dir in run_dirs}
-    lines = ["| config | rounds | ours (%) | paper (%) |", "| --- | --- | --- | --- |"]
-    for name, row in rows.items():
-        base = name.split("-s")[0]
-        paper = None if width else PAPER.get(alpha, {}).get(PAPER_ROW.get(base, base))
-        paper_text = f"{paper[0]:.1f} +- {paper[1]:.1f}" if paper else "-"
-        lines.append(f"| {name} | {row['rounds']} | {row['mean']:.1f} +- {row['std']:.1f} | {paper_text} |")
+def write_table(out: Path, run_dirs: list[Path], rounds: int = PAPER_ROUNDS, width: int = 0) -> None:
+    """``table.md``: one section per alpha the runs used (read from their configs), each with our runs
+    (mean +- std of the last 5 rounds) beside the paper's numbers and the paper's claim checked on them
+    (final once every compared run has ``rounds`` rounds). ``width``: the ConvNet's width when it is not
+    the paper's (0: the paper's 128); such runs are compared with each other only, without the paper's
+    figures or its claim."""
+    by_alpha: dict[float, dict[str, dict]] = {}
+    for run_dir in run_dirs:
+        row = describe(run_dir)
+        by_alpha.setdefault(float(row["alpha"]), {})[without_alpha_tag(run_dir.name)] = row
     (out / "table.md").write_text(
-        f"# Fashion-MNIST, alpha {alpha}: test accuracy of the served model, mean +- std of the last 5 rounds\n\n"
+        "# Fashion-MNIST: test accuracy of the served model, mean +- std of the last 5 rounds\n\n"
         + (f"ConvNet width {width}, not the paper's 128: these runs are compared with each other, not with the "
-           "paper.\n\n" if width else "")
-        + "\n".join(lines) + "\n" + ("" if width else claim_section(rows, rounds))
-        + seeds_section(rows, alpha, rounds, width)
-        + "\n## Details\n\n" + rows_table(list(rows.values()))
+           "paper.\n" if width else "")
+        + "".join(alpha_section(rows, alpha, rounds, width) for alpha, rows in sorted(by_alpha.items()))
     )
 
 
+def alpha_section(rows: dict[str, dict], alpha: float, rounds: int, width: int) -> str:
+    """The Markdown section of :func:`write_table` for the runs (folder name without its alpha tag ->
+    :func:`describe` row) at one Dirichlet ``alpha``."""
+    lines = ["| config | rounds | ours (%) | paper (%) |", "| --- | --- | --- | --- |"]
+    for name, row in rows.items():
+        base = seed_of(name)[0]
+        paper = None if width else PAPER.get(alpha, {}).get(PAPER_ROW.get(base, base))
+        paper_text = f"{paper[0]:.1f} +- {paper[1]:.1f}" if paper else "-"
+        lines.append(f"| {name} | {row['rounds']} | {row['mean']:.1f} +- {row['std']:.1f} | {paper_text} |")
+    return (f"\n## Alpha {alpha:g}\n\n" + "\n".join(lines) + "\n" + ("" if width else claim_section(rows, rounds))
+            + seeds_section(rows, alpha, rounds, width)
+            + "\n### Details\n\n" + rows_table(list(rows.values())))
+
+
 def seeds_section(rows: dict[str, dict], alpha: float, rounds: int, width: int) -> str:
-    """Over seeds (where a configuration ran more than one): mean +- sd over seeds of each run's
-    last-5-round mean, both scores, and the claim on paired differences ("" when every
-    configuration has one seed)."""
+    """Over seeds: mean +- sd over seeds of each run's last-5-round mean, both scores, and the claim
+    on paired differences. At the paper's width it is left out ("") while every configuration has one
+    seed, since :func:`claim_section` judges seed 0; a narrower proxy has no other verdicts, so it is kept."""
     groups = seed_rows(rows)
-    if all(len(g["seeds"]) < 2 for g in groups.values()):
+    if not width and all(len(g["seeds"]) < 2 for g in groups.values()):
         return ""
 
     def cell(group: dict, key: str) -> str:
@@ -157,9 +185,18 @@ def seeds_section(rows: dict[str, dict], alpha: float, rounds: int, width: int) 
             status = "final" if all(groups[n]["rounds"] >= rounds for n in names) else "provisional"
             claim.append(f"\nThe claim on paired seeds ({status}; each seed shares its partition and client "
                          f"sampling across configurations):\n\n" + "\n".join(verdicts) + "\n")
-    return ("\n## Over seeds\n\nMean +- sd over seeds of each run's mean of its last 5 rounds (the paper's "
+    return ("\n### Over seeds\n\nMean +- sd over seeds of each run's mean of its last 5 rounds (the paper's "
             "+- is over repeated runs). test_accuracy follows each run's --eval_precision (the published "
             "code's protocol unless the run says otherwise).\n\n" + "\n".join(lines) + "\n" + "".join(claim))
+
+
+def numbers(text: str, kind: type, flag: str) -> list:
+    """A comma-separated list of ``kind`` (int or float); a bad item stops the script naming it."""
+    try:
+        return [kind(item) for item in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{flag} {text!r}: expected comma-separated {kind.__name__} values, e.g. "
+                         f"{'0,1,2' if kind is int else '0.01,0.04'}") from None
 
 
 def main() -> None:
@@ -167,7 +204,9 @@ def main() -> None:
     parser.add_argument("--data_path", default="../shared/data")
     parser.add_argument("--out", type=Path, default=Path("results/fmnist-a0.01"))
     parser.add_argument("--configs", default="q8-avg,q8-noavg,fp32-noavg,q6-avg,fp32-avg")
-    parser.add_argument("--alpha", type=float, default=0.01)
+    parser.add_argument("--alpha", default=f"{DEFAULT_ALPHA:g}",
+                        help=f"Dirichlet alphas, comma-separated; runs at {DEFAULT_ALPHA:g} go in <config>[-s<seed>]/, "
+                             "others in <config>-a<alpha>[-s<seed>]/")
     parser.add_argument("--rounds", type=int, default=PAPER_ROUNDS)
     parser.add_argument("--seeds", default="0", help="comma-separated; seed 0 runs go in <config>/, others in <config>-s<seed>/")
     parser.add_argument("--model_width", type=int, default=0,
@@ -202,22 +241,24 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for name in args.configs.split(","):
-            if name not in CONFIGS:
-                raise SystemExit(f"unknown config {name!r}; expected one of {', '.join(CONFIGS)}")
-            flags = [*PAPER_SETTING, *CONFIGS[name], "--alpha", str(args.alpha), "--seed", str(seed),
-                     "--data_path", args.data_path, "--device", args.device, "--compile", args.compile, "--cohort", args.cohort,
-                     *(["--model_width", str(args.model_width)] if args.model_width else []),
-                     *(["--eval_every", str(args.eval_every)] if args.eval_every > 1 else [])]
-            runs.append(GridRun(args.out / (name if seed == 0 else f"{name}-s{seed}"), tuple(flags)))
+    for alpha in numbers(args.alpha, float, "--alpha"):
+        for seed in numbers(args.seeds, int, "--seeds"):
+            for name in args.configs.split(","):
+                if name not in CONFIGS:
+                    raise SystemExit(f"unknown config {name!r}; expected one of {', '.join(CONFIGS)}")
+                flags = [*PAPER_SETTING, *CONFIGS[name], "--alpha", str(alpha), "--seed", str(seed),
+                         "--data_path", args.data_path, "--device", args.device, "--compile", args.compile,
+                         "--cohort", args.cohort,
+                         *(["--model_width", str(args.model_width)] if args.model_width else []),
+                         *(["--eval_every", str(args.eval_every)] if args.eval_every > 1 else [])]
+                runs.append(GridRun(args.out / run_folder(name, alpha, seed), tuple(flags)))
 
     def refresh() -> None:
         """The table and curves of every run in --out, those of earlier invocations included."""
         folders = {r.run_dir for r in runs} | ({d for d in args.out.iterdir() if d.is_dir()} if args.out.is_dir() else set())
         present = sorted(d for d in folders if (d / "metrics.jsonl").exists())
         if present:
-            write_table(args.out, present, args.alpha, args.rounds, args.model_width)
+            write_table(args.out, present, args.rounds, args.model_width)
             plot_curves(present, args.out / "curves.png")
 
     if args.table_only:
