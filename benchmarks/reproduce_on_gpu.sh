@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Advance the paper's grid on a CUDA machine for at most SECONDS, then pack the result files.
 #
-# Usage: bash benchmarks/reproduce_on_gpu.sh DATA_DIR RUNS_DIR SECONDS DEST_DIR [CONFIGS] [PARALLEL] [SEEDS]
+# Usage: bash benchmarks/reproduce_on_gpu.sh DATA_DIR RUNS_DIR SECONDS DEST_DIR [CONFIGS] [PARALLEL] [SEEDS] [ALPHAS]
 #
 # CONFIGS: comma-separated names of reproduce_paper.py (default q8-avg,q8-noavg,fp32-noavg); SEEDS:
-# comma-separated (default 0; seed s > 0 runs go in RUNS_DIR/<config>-s<s>/).
+# comma-separated (default 0; seed s > 0 runs go in RUNS_DIR/<config>-s<s>/); ALPHAS: comma-separated
+# Dirichlet alphas (default 0.01; other alphas' runs go in RUNS_DIR/<config>-a<alpha>[-s<s>]/).
 #
 # The runs and their checkpoints stay in RUNS_DIR, so the same command continues them (here or,
 # with reproduce_paper.py, on any machine that has RUNS_DIR). At the deadline every run finishes
@@ -19,7 +20,7 @@
 # 0.3-0.6 s, as on one core of the CPU machine; results/gpu-2026-12-04).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-data=$1 runs=$2 seconds=$3 dest=$4 configs=${5:-q8-avg,q8-noavg,fp32-noavg} parallel=${6:-3} seeds=${7:-0}
+data=$1 runs=$2 seconds=$3 dest=$4 configs=${5:-q8-avg,q8-noavg,fp32-noavg} parallel=${6:-3} seeds=${7:-0} alphas=${8:-0.01}
 device=${DEVICE:-cuda} python=${PYTHON:-python3} threads=${THREADS:-1}
 deadline=$((SECONDS + seconds))
 mkdir -p "$dest" "$runs"
@@ -41,7 +42,7 @@ for variant in auto:auto off:auto off:off; do
   cohort=${variant%%:*} compile=${variant#*:}
   [ $((deadline - SECONDS)) -gt 60 ] || break
   timeout --foreground -s INT -k 60 $((deadline - SECONDS)) "$python" benchmarks/reproduce_paper.py \
-    --data_path "$data" --out "$runs" --configs "$configs" --seeds "$seeds" --device "$device" --parallel "$parallel" \
+    --data_path "$data" --out "$runs" --configs "$configs" --seeds "$seeds" --alpha "$alphas" --device "$device" --parallel "$parallel" \
     --threads "$threads" --checkpoint_every 10 --cohort "$cohort" --compile "$compile" --archive "$dest/results.tar.gz" 2>&1 | tee -a "$dest/grid.log"
   status=${PIPESTATUS[0]}
   if [ "$status" -eq 0 ] || [ "$status" -eq 124 ]; then break; fi  # done, or the deadline (runs stopped cleanly)
