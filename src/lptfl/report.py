@@ -271,10 +271,15 @@ def paired_differences(groups: Mapping[str, dict], subject: str, margins: Sequen
         diffs = [groups[subject]["by_seed"][s]["mean"] - groups[other]["by_seed"][s]["mean"] for s in seeds]
         mean, sd = _mean_sd(diffs)
         verdict = "holds" if mean >= margin else "does not hold"
-        per_seed = ", ".join(f"s{s} {d:+.1f}" for s, d in zip(seeds, diffs))
-        lines.append(f"- {subject} - {other} >= {margin:+.1f} points: {mean:+.2f} +- {sd:.2f} over "
+        per_seed = ", ".join(f"s{s} {_no_negative_zero(d, 1):+.1f}" for s, d in zip(seeds, diffs))
+        lines.append(f"- {subject} - {other} >= {margin:+.1f} points: {_no_negative_zero(mean, 2):+.2f} +- {sd:.2f} over "
                      f"{len(seeds)} seed(s) ({per_seed}): {verdict}")
     return lines
+
+
+def _no_negative_zero(value: float, digits: int) -> float:
+    """``value`` rounded to ``digits`` decimals, a rounded -0.0 made 0.0 (a tie of two runs reads +0.00)."""
+    return round(value, digits) + 0.0
 
 
 def plot_curves(run_dirs: Sequence[Path], path: Path) -> None:
