@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +79,38 @@ def test_dataset_validation(changes, message: str) -> None:
 
 def test_digits_train_split_holds_every_class() -> None:
     assert np.array_equal(np.unique(load_dataset("digits").train_y.numpy()), np.arange(10))
+
+
+def test_digits_are_scikit_learns_split_without_importing_it() -> None:
+    """The stored split is train_test_split's; the images and labels are those of load_digits."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from lptfl.data.digits import IMAGE_SIZE, MAX_VALUE, load_digits_28
+
+    bunch = load_digits()
+    small = torch.from_numpy(bunch.images.astype(np.float32) / MAX_VALUE).unsqueeze(1)
+    images = torch.nn.functional.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                                             align_corners=False).numpy()
+    expected = train_test_split(images, bunch.target.astype(np.int64), test_size=0.2, stratify=bunch.target,
+                                random_state=0)
+    train_x, train_y, test_x, test_y = load_digits_28()
+    for got, want in zip((train_x, test_x, train_y, test_y), expected):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_digits_load_without_scikit_learn_imported() -> None:
+    code = ("import sys; from lptfl.data import load_dataset; load_dataset('digits'); "
+            "assert not any(m == 'sklearn' or m.startswith('sklearn.') for m in sys.modules), 'sklearn imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_digits_without_scikit_learn_name_the_package(monkeypatch) -> None:
+    import importlib.util
+
+    from lptfl.data.digits import digits_csv
+    from lptfl.data.errors import DatasetError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DatasetError, match="comes with scikit-learn, which is not installed: pip install scikit-learn"):
+        digits_csv()
