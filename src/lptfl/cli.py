@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -277,7 +278,6 @@ def _flower_local_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _command_flower_local(args: argparse.Namespace) -> int:
-    import signal
     from dataclasses import replace
 
     from lptfl.flower.config import FlowerOptions
@@ -285,6 +285,7 @@ def _command_flower_local(args: argparse.Namespace) -> int:
     from lptfl.experiment.setup import check_device
     from lptfl.experiment.checkpoint import CONFIG, write_config
     from lptfl.sim.runner import prepare_output
+    from lptfl.sim.stop_signals import stop_signals_to
 
     config = replace(config_from_args(args), num_clients=args.supernodes)
     if getattr(args, "rounds", None) is not None:
@@ -294,8 +295,9 @@ def _command_flower_local(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     prepare_output(args.out, overwrite=getattr(args, "overwrite", False))
     write_config(args.out, config)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the federation on SIGTERM too
-    with tempfile.TemporaryDirectory(prefix="lptfl-certs-") as certs:
+    # Both stop the federation, also where a shell started this command with SIGINT ignored
+    # (a background job), as they stop `lptfl run`.
+    with stop_signals_to(_stop_federation), tempfile.TemporaryDirectory(prefix="lptfl-certs-") as certs:
         try:
             tls = local_security(Path(certs), insecure=getattr(args, "insecure", False))
             summary = run_local(config, args.out, supernodes=args.supernodes, home=getattr(args, "flwr_home", None),
@@ -315,6 +317,13 @@ def _command_flower_local(args: argparse.Namespace) -> int:
     print(f"final accuracy {_final_accuracy(summary)}; {_totals(summary, started)}; results in {args.out} "
           f"(Flower, {args.supernodes} SuperNodes)")
     return 0
+
+
+def _stop_federation(signum: int, frame: object) -> None:
+    """SIGINT stops ``flower-local`` as Ctrl-C does (exit 130); SIGTERM with exit 143."""
+    if signum == signal.SIGTERM:
+        sys.exit(143)
+    raise KeyboardInterrupt
 
 
 def _forget_unstarted(config_path: Path) -> None:

@@ -142,13 +142,15 @@ def test_killed_supernode_is_counted_and_the_run_completes(tmp_path: Path):
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_interrupt_stops_every_process(tmp_path: Path, sig: str):
-    """Ctrl-C (or SIGTERM) while the federation runs: the command stops all it started."""
+    """Ctrl-C (or SIGTERM) while the federation runs: the command stops all it started. It is started
+    with SIGINT ignored, as a shell starts a background job, and must stop on SIGINT all the same."""
     import signal
 
     home, metrics = tmp_path / "home", tmp_path / "out" / "metrics.jsonl"
     args = ["--supernodes", "2", "--rounds", "5", "--out", str(metrics.parent), "--flwr-home", str(home), *SMALL]
-    proc = subprocess.Popen([sys.executable, "-m", "lptfl", "flower-local", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    ignoring_sigint = ["sh", "-c", 'trap "" INT; exec "$@"', "sh"]  # exec keeps the ignored disposition
+    proc = subprocess.Popen([*ignoring_sigint, sys.executable, "-m", "lptfl", "flower-local", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
         while not (metrics.exists() and b"\n" in metrics.read_bytes()):  # round 1 done: every kind of process is up
