@@ -8,9 +8,9 @@ Run on a GPU machine and bring everything back as one archive:
 or, under a time limit, ``bash benchmarks/reproduce_on_gpu.sh`` (it stops the runs cleanly and packs them).
 
 Each configuration runs in its own ``lptfl run`` process into ``<out>/<config>[-a<alpha>][-s<seed>]/``
-(no alpha tag at alpha 0.01, no seed tag for seed 0) with a checkpoint every round (:mod:`lptfl.sim.grid`). Finished runs (summary.json with all rounds) are
-skipped; a run with a checkpoint continues with ``--resume``; ``--parallel N`` advances N runs
-together, and ``--turn_rounds K`` lets more runs than processes take turns of K rounds (three runs
+(no alpha tag at alpha 0.01, no seed tag for seed 0) with a checkpoint every round
+(:mod:`lptfl.sim.grid`). Finished runs (summary.json with all rounds) are skipped; a run with a
+checkpoint continues with ``--resume``; ``--parallel N`` advances N runs together, and ``--turn_rounds K`` lets more runs than processes take turns of K rounds (three runs
 on two cores: ``--parallel 2 --turn_rounds 5``, one process per core). Each process gets
 ``cpus // parallel`` torch threads unless ``--threads`` says otherwise; a run continued under
 another count than it started with is valid but no longer bit-identical. Afterwards

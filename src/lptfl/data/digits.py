@@ -29,7 +29,8 @@ def digits_csv() -> Path:
     """
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-        raise DatasetError("the digits dataset comes with scikit-learn, which is not installed: pip install scikit-learn")
+        raise DatasetError("the digits dataset comes with scikit-learn, which is not installed: "
+                           "pip install scikit-learn")
     path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
     if not path.is_file():
         raise DatasetError(f"scikit-learn's digits file {path} is missing: reinstall scikit-learn")
