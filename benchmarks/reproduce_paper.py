@@ -10,7 +10,8 @@ or, under a time limit, ``bash benchmarks/reproduce_on_gpu.sh`` (it stops the ru
 Each configuration runs in its own ``lptfl run`` process into ``<out>/<config>[-a<alpha>][-s<seed>]/``
 (no alpha tag at alpha 0.01, no seed tag for seed 0) with a checkpoint every round
 (:mod:`lptfl.sim.grid`). Finished runs (summary.json with all rounds) are skipped; a run with a
-checkpoint continues with ``--resume``; ``--parallel N`` advances N runs together, and ``--turn_rounds K`` lets more runs than processes take turns of K rounds (three runs
+checkpoint continues with ``--resume``; ``--parallel N`` advances N runs together, and
+``--turn_rounds K`` lets more runs than processes take turns of K rounds (three runs
 on two cores: ``--parallel 2 --turn_rounds 5``, one process per core). Each process gets
 ``cpus // parallel`` torch threads unless ``--threads`` says otherwise; a run continued under
 another count than it started with is valid but no longer bit-identical. Afterwards
@@ -25,6 +26,7 @@ the table is printed at the end (also when every run is finished already and ski
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import re
 from pathlib import Path
@@ -240,18 +242,18 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
+    unknown = [name for name in args.configs.split(",") if name not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown config {unknown[0]!r}; expected one of {', '.join(CONFIGS)}")
     runs = []
-    for alpha in numbers(args.alpha, float, "--alpha"):
-        for seed in numbers(args.seeds, int, "--seeds"):
-            for name in args.configs.split(","):
-                if name not in CONFIGS:
-                    raise SystemExit(f"unknown config {name!r}; expected one of {', '.join(CONFIGS)}")
-                flags = [*PAPER_SETTING, *CONFIGS[name], "--alpha", str(alpha), "--seed", str(seed),
-                         "--data_path", args.data_path, "--device", args.device, "--compile", args.compile,
-                         "--cohort", args.cohort,
-                         *(["--model_width", str(args.model_width)] if args.model_width else []),
-                         *(["--eval_every", str(args.eval_every)] if args.eval_every > 1 else [])]
-                runs.append(GridRun(args.out / run_folder(name, alpha, seed), tuple(flags)))
+    for alpha, seed, name in itertools.product(numbers(args.alpha, float, "--alpha"),
+                                               numbers(args.seeds, int, "--seeds"), args.configs.split(",")):
+        flags = [*PAPER_SETTING, *CONFIGS[name], "--alpha", str(alpha), "--seed", str(seed),
+                 "--data_path", args.data_path, "--device", args.device, "--compile", args.compile,
+                 "--cohort", args.cohort,
+                 *(["--model_width", str(args.model_width)] if args.model_width else []),
+                 *(["--eval_every", str(args.eval_every)] if args.eval_every > 1 else [])]
+        runs.append(GridRun(args.out / run_folder(name, alpha, seed), tuple(flags)))
 
     def refresh() -> None:
         """The table and curves of every run in --out, those of earlier invocations included."""
