@@ -146,6 +146,22 @@ class RunDirectory:
         """The outermost folder of the path that does not exist yet (None: the folder exists)."""
         return next((folder for folder in reversed((self.path, *self.path.parents)) if not folder.exists()), None)
 
+    def _make(self) -> Path | None:
+        """Create the folder and its missing parents; the outermost folder it created (None: it existed).
+
+        Raises:
+            OutputExistsError: the path is a file, or the folder cannot be created (the reason named).
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputExistsError(f"--out {self.path} is a file, not a directory; choose another --out")
+        created = self._outermost_missing()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputExistsError(f"cannot create --out {self.path}: {err.strerror or err}; choose another --out") \
+                from None
+        return created
+
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the folder for this process for the length of the block (an advisory ``flock`` on the
@@ -154,10 +170,7 @@ class RunDirectory:
         Raises:
             OutputExistsError: another process holds the folder, or the path is a file.
         """
-        if self.path.exists() and not self.path.is_dir():
-            raise OutputExistsError(f"--out {self.path} is a file, not a directory; choose another --out")
-        self._created = self._outermost_missing()
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._created = self._make()
         fd = os.open(self.path, os.O_RDONLY)
         try:
             try:
@@ -176,10 +189,7 @@ class RunDirectory:
         Raises:
             OutputExistsError: the path is a file, or holds a run and ``overwrite`` is false.
         """
-        if self.path.exists() and not self.path.is_dir():
-            raise OutputExistsError(f"--out {self.path} is a file, not a directory; choose another --out")
-        created = self._created or self._outermost_missing()
-        self.path.mkdir(parents=True, exist_ok=True)
+        created = self._created or self._make()
         existing = [name for name in (METRICS, SUMMARY, CURVES, CONFIG, CHECKPOINT) if (self.path / name).exists()]
         if existing and not overwrite:
             raise OutputExistsError(f"{self.path} already holds a run ({', '.join(existing)}); pass --overwrite to "
