@@ -124,6 +124,14 @@ def test_encode_rejects_bad_input():
         encode({"w": [1.0]}, fmt)
     with pytest.raises(TypeError):
         encode({"w": torch.ones(1)}, "bfp8")
+    with pytest.raises(TypeError, match=r"state must be a mapping name -> tensor \(e.g. model.state_dict\(\)\), got Linear"):
+        encode(torch.nn.Linear(2, 2), fmt)
+    with pytest.raises(TypeError, match="full_precision must be names of state entries, got NoneType"):
+        encode({"w": torch.ones(1)}, fmt, full_precision=None)
+    with pytest.raises(TypeError, match="tensor 'w': a meta tensor holds no values"):
+        encode({"w": torch.empty(2, device="meta")}, fmt)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        encode({"w": torch.ones(2)}, fmt, generator=0)
 
 
 def test_decoder_rejects_non_bytes_and_bad_limits():

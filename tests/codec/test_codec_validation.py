@@ -296,3 +296,5 @@ def test_expected_formats_are_enforced(valid):
             formats={"bn.running_var": FMT})
     with pytest.raises(TypeError, match="BFPFormat or None"):
         decode(payload, formats={"conv.weight": "bfp6"})
+    with pytest.raises(TypeError, match="BFPFormat or None"):
+        decode(payload, formats=[FMT])

@@ -4,6 +4,7 @@ calls the helpers as a ClientApp would: no processes, no federation."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -208,7 +209,7 @@ def test_every_reply_field_is_checked_and_the_round_goes_on(digits):
     assert "the reply came from node 999" in reasons[103]
     assert "a check that fails on odd input" in reasons[104]
     assert {o.node: o.status for o in strategy.last_round.outcomes} == {100: "accepted", **dict.fromkeys(tamper, "rejected")}
-    with pytest.raises(ValueError, match="max_weight must be > 0"):
+    with pytest.raises(ValueError, match=r"max_weight must be a finite number in \(0, inf\), got 0"):
         LowPrecisionFedAvg(policy=POLICY, max_weight=0)
 
 
@@ -250,6 +251,97 @@ def test_a_dataloader_trains_exactly_as_its_tensors(digits):
     assert a.content.metric_records["metrics"]["num-examples"] == 200
     with pytest.raises(TypeError, match="pair of tensors"):
         train_low_precision(msg, context(), mlp(), [x], policy=POLICY)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"policy": "paper-8bit"}, TypeError, r"policy must be a PrecisionPolicy \(e.g. .*\), got str"),
+    ({"server_optimizer": "fedadam"}, TypeError, r"server_optimizer must be a ServerOptimizer or None .*got str"),
+    ({"moving_weight": "0.9"}, TypeError, r"moving_weight must be a number in \[0, 1\), got str '0.9'"),
+    ({"moving_weight": 1.0}, ValueError, r"moving_weight must be a finite number in \[0, 1\), got 1.0"),
+    ({"moving_average": "false"}, TypeError, "moving_average must be True or False, got str 'false'"),
+    ({"ma_start": 1.5}, TypeError, "ma_start must be an integer >= 1, got float 1.5"),
+    ({"min_accepted": 0}, ValueError, "min_accepted must be an integer >= 1, got 0"),
+    ({"max_payload_bytes": 0}, ValueError, "max_payload_bytes must be an integer >= 1, got 0"),
+    ({"fraction_train": 1.5}, ValueError, r"fraction_train must be a finite number in \[0, 1\], got 1.5"),
+    ({"proximal_mu": "0.1"}, TypeError, "proximal_mu must be a number"),
+    ({"max_update_norm": float("nan")}, ValueError, "max_update_norm must be a finite number"),
+    ({"seed": "x"}, TypeError, "seed must be an integer >= 0, got str 'x'"),
+    ({"full_precision": "0.bias"}, TypeError, r"full_precision must be a list of state-entry names, got the "
+                                              r"single string '0.bias' \(write \['0.bias'\]\)"),
+])
+def test_strategy_arguments_are_checked_when_it_is_built(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LowPrecisionFedAvg(**{"policy": POLICY, **kwargs})
+
+
+def test_summary_goes_to_flowers_log_beside_fedavgs():
+    class Lines(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    lines = Lines()
+    flower = logging.getLogger("flwr")
+    flower.addHandler(lines)
+    try:
+        LowPrecisionFedAvg(policy=POLICY, moving_weight=0.5).summary()
+    finally:
+        flower.removeHandler(lines)
+    assert any("Fraction: train" in line for line in lines.lines)  # FedAvg's own summary
+    assert lines.lines[-1] == ("\t└──> lptfl: downlink bfp8e8-B-FC, uplink bfp8e8-B-FC, weighting samples, "
+                               "moving average lambda=0.5 from round 1, min accepted 1")
+
+
+def test_client_helpers_check_their_arguments_and_data(digits):
+    """A user's mistake stops before any training with one line naming it, instead of a torch error
+    deep inside the step, a silent truncation, or a round of made-up metrics."""
+    train, test = digits
+    grid = HelperGrid(train, test, nodes=1)
+    strategy = LowPrecisionFedAvg(policy=POLICY, min_train_nodes=1, min_available_nodes=1)
+    msg = train_message(strategy, grid, mlp())
+    x, y = train[0][:64], train[1][:64]
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    cases = [
+        ({"train_data": ((x * 16).to(torch.uint8), y)}, TypeError, r"x must be a floating-point tensor .*torch.uint8"),
+        ({"train_data": (x, y.float() + 0.7)}, TypeError, "y must hold integer class indices of shape \\(n,\\), "
+                                                          "got torch.float32"),
+        ({"train_data": (x, nn.functional.one_hot(y, 10))}, TypeError, r"y must hold integer class indices .*"
+                                                                      r"\(64, 10\)"),
+        ({"train_data": (torch.full_like(x, math.nan), y)}, ValueError, "x holds NaN or infinite values"),
+        ({"train_data": (torch.tensor(1.0), torch.tensor(1))}, TypeError, "x must be a floating-point tensor"),
+        ({"policy": "paper-8bit"}, TypeError, "policy must be a PrecisionPolicy"),
+        ({"epochs": 0}, ValueError, "epochs must be an integer >= 1, got 0"),
+        ({"epochs": 1.5}, TypeError, "epochs must be an integer >= 1, got float 1.5"),
+        ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1, got 0"),
+        ({"lr": "0.01"}, TypeError, "lr must be a number"),
+        ({"keep_local": "0.weight"}, TypeError, "keep_local must be a list of state-entry names, got the single string"),
+        ({"metrics": {"num-examples": 10**9}}, ValueError, r"metrics may not redefine \['num-examples'\]"),
+    ]
+    plain = Message(RecordDict({"arrays": ArrayRecord(mlp().state_dict()), "config": msg.content["config"]}),
+                    dst_node_id=7, message_type="train")
+    with pytest.raises(codec.PayloadError, match=r"single key 'bytes', got the keys \['1.weight', '1.bias', "
+                                                 r"'3.weight'\] ..., as plain model weights have \(the ServerApp's "
+                                                 r"strategy must be lptfl.flower.LowPrecisionFedAvg\)"):
+        train_low_precision(plain, context, mlp(), (x, y), policy=POLICY)
+    smaller = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    with pytest.raises(codec.PayloadError, match=r"the server's model does not decode to this client's model "
+                                                 r"\('expected' is this client's, 'got' the server's\): tensor "
+                                                 r"'1.weight': expected shape \(32, 64\), got \(128, 64\)"):
+        train_low_precision(msg, context, smaller, (x, y), policy=POLICY)
+    for change, error, message in cases:
+        kwargs = {"train_data": (x, y), "policy": POLICY, **change}
+        with pytest.raises(error, match=message):
+            train_low_precision(msg, context, mlp(), kwargs.pop("train_data"), **kwargs)
+    assert len(context.state) == 0  # nothing trained, nothing stored
+    for change, error, message in [({"batch_size": -5}, ValueError, "batch_size must be an integer >= 1, got -5"),
+                                   ({"policy": None}, TypeError, "policy must be a PrecisionPolicy"),
+                                   ({"test_data": (x.long(), y)}, TypeError, "x must be a floating-point tensor")]:
+        kwargs = {"test_data": (x, y), "policy": POLICY, **change}
+        with pytest.raises(error, match=message):
+            evaluate_low_precision(msg, mlp(), kwargs.pop("test_data"), **kwargs)
 
 
 def test_proximal_mu_pulls_the_update_towards_the_global_model(digits):

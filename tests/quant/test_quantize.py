@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -188,6 +189,12 @@ def test_argument_validation():
         quantize(torch.arange(4), BFPFormat(8))
     with pytest.raises(TypeError, match="BFPFormat"):
         quantize(torch.randn(3), 8)
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator \(e.g. .*\) or None, got int"):
+        quantize(torch.randn(3), BFPFormat(8), generator=0)
+    with pytest.raises(TypeError, match="x must be a dense tensor, got layout torch.sparse_coo"):
+        quantize(torch.eye(3).to_sparse(), BFPFormat(8))
+    with pytest.raises(ValueError, match=r"bits must be a Python int in \[2, 16\] \(sign included\), got np.int64\(8\)"):
+        BFPFormat(np.int64(8))
 
 
 def test_block_layouts_count_exponents():

@@ -109,6 +109,19 @@ def test_low_precision_optimizer_keeps_weights_on_grid_and_quantizes_grads():
     assert all(v.dtype == torch.float32 for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
 
 
+def test_low_precision_optimizer_checks_its_arguments_when_built():
+    model = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer .*got generator"):
+        LowPrecisionOptimizer(model.parameters(), weight=BFPFormat(8))
+    inner = torch.optim.Adam(model.parameters())
+    with pytest.raises(TypeError, match="weight must be a BFPFormat or None, got int"):
+        LowPrecisionOptimizer(inner, weight=8)
+    with pytest.raises(TypeError, match="grad must be a BFPFormat or None, got str"):
+        LowPrecisionOptimizer(inner, grad="bfp8")
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator \(e.g. .*\) or None, got int"):
+        LowPrecisionOptimizer(inner, generator=0)
+
+
 def test_full_precision_policy_adds_nothing():
     policy = PrecisionPolicy.preset("fp32")
     model = MLP(1, 10, 8)

@@ -23,6 +23,7 @@ from lptfl.codec import bfp, bitpack
 from lptfl.codec.errors import PayloadError
 from lptfl.codec.frame import unwrap, wrap
 from lptfl.quant.format import LAYOUTS, SMALL_BLOCKS, BFPFormat
+from lptfl.quant.random import check_generator
 
 FORMAT_NAME = "lptfl-wire"
 FORMAT_VERSION = 1
@@ -74,6 +75,8 @@ def _encode_tensor(
         raise TypeError(f"tensor {name!r}: dtype {t.dtype} is not supported on the wire")
     if t.layout != torch.strided:
         raise TypeError(f"tensor {name!r}: only dense (strided) tensors are supported, got {t.layout}")
+    if t.is_meta:
+        raise TypeError(f"tensor {name!r}: a meta tensor holds no values to send (materialise the model first)")
     t = t.detach().to("cpu").contiguous()
     dname = DTYPE_NAMES[t.dtype]
     record: dict = {"n": name, "s": list(t.shape), "d": dname}
@@ -139,11 +142,17 @@ def encode(
         The payload; its ``len`` is the number of bytes on the wire.
 
     Raises:
-        TypeError: a name is not a string, a value not a tensor, or its dtype unsupported.
+        TypeError: ``state`` is not a mapping, a name is not a string, a value not a dense tensor
+            with data, its dtype unsupported, or ``generator`` not a torch.Generator.
         ValueError: unknown ``full_precision`` names, or NaN/infinite values.
     """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a mapping name -> tensor (e.g. model.state_dict()), got {type(state).__name__}")
     if fmt is not None and not isinstance(fmt, BFPFormat):
         raise TypeError(f"fmt must be a BFPFormat or None, got {type(fmt).__name__}")
+    check_generator(generator)
+    if not isinstance(full_precision, Iterable):
+        raise TypeError(f"full_precision must be names of state entries, got {type(full_precision).__name__}")
     if isinstance(full_precision, str):
         full_precision = (full_precision,)
     keep = set(full_precision)
@@ -468,7 +477,8 @@ def decode(
         raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
     if expect is not None:
         expect = _normalise_expect(expect)
-    if formats is not None and not all(f is None or isinstance(f, BFPFormat) for f in formats.values()):
+    if formats is not None and not (isinstance(formats, Mapping)
+                                    and all(f is None or isinstance(f, BFPFormat) for f in formats.values())):
         raise TypeError("formats must map names to a BFPFormat or None")
     try:
         return _decode(payload, expect, formats, max_bytes)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log as flower_log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
@@ -42,6 +43,7 @@ from lptfl.codec import PayloadError
 from lptfl.fl import Server, ServerConfig
 from lptfl.fl.server import RoundStats
 from lptfl.fl.server_optim import ServerOptimizer
+from lptfl.flower import arguments
 from lptfl.flower.payload import MODEL_RECORD_KEY, UPLINK_FORMAT_KEY, format_label, from_record, to_record
 from lptfl.quant import PrecisionPolicy
 
@@ -128,6 +130,10 @@ class LowPrecisionFedAvg(FedAvg):
         proximal_mu: FedProx's mu, sent as ``proximal-mu`` in the train config; the client
             helper adds ``(mu / 2) ||w - w_global||^2`` to its loss (0: plain FedAvg).
         seed: seeds the downlink's stochastic rounding (when the policy rounds it so).
+
+    Raises:
+        TypeError: an argument has the wrong type (named in the message).
+        ValueError: an argument is out of its range (named in the message).
     """
 
     def __init__(
@@ -165,12 +171,22 @@ class LowPrecisionFedAvg(FedAvg):
             weighted_by_key=weighted_by_key, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
             train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         )
-        if not isinstance(policy, PrecisionPolicy):
-            raise TypeError(f"policy must be a PrecisionPolicy, got {type(policy).__name__}")
-        if not proximal_mu >= 0:
-            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
-        if max_weight is not None and not max_weight > 0:
-            raise ValueError(f"max_weight must be > 0 (or None), got {max_weight}")
+        arguments.instance("policy", policy, PrecisionPolicy, "PrecisionPolicy.low_precision(8)")
+        arguments.instance("server_optimizer", server_optimizer, ServerOptimizer,
+                           'ServerOptimizer("fedadam", names=...)', optional=True)
+        for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
+            arguments.number(name, value, low=0.0, high=1.0)
+        arguments.flag("moving_average", moving_average)
+        arguments.number("moving_weight", moving_weight, low=0.0, high=1.0, high_open=True)
+        arguments.integer("ma_start", ma_start, minimum=1)
+        arguments.integer("min_accepted", min_accepted, minimum=1)
+        arguments.integer("max_payload_bytes", max_payload_bytes, minimum=1)
+        arguments.number("proximal_mu", proximal_mu, low=0.0)
+        arguments.number("trim_fraction", trim_fraction, low=0.0, high=0.5, high_open=True)
+        for name, value in (("max_weight", max_weight), ("max_update_norm", max_update_norm)):
+            if value is not None:
+                arguments.number(name, value, low=0.0, low_open=True)
+        arguments.integer("seed", seed, minimum=0)
         self.policy = policy
         self.server_config = ServerConfig(
             moving_average=moving_average, moving_weight=moving_weight, ma_start=ma_start,
@@ -179,7 +195,7 @@ class LowPrecisionFedAvg(FedAvg):
             min_clients=min_accepted, max_update_norm=max_update_norm, robust=robust, trim_fraction=trim_fraction,
             seed=seed,
         )
-        self.full_precision = list(full_precision)
+        self.full_precision = arguments.names("full_precision", full_precision)
         self.server_optimizer = server_optimizer
         self.proximal_mu = float(proximal_mu)
         self.max_weight = max_weight
@@ -190,10 +206,11 @@ class LowPrecisionFedAvg(FedAvg):
         self._extra_bytes = 0
 
     def summary(self) -> None:
-        """Log the configuration (Flower's, then lptfl's)."""
+        """Log the configuration (Flower's, then lptfl's) to Flower's logger, where Flower prints
+        the rest of the strategy's summary (a Flower app configures no handler for lptfl's loggers)."""
         super().summary()
         cfg = self.server_config
-        log.info("lptfl: downlink %s, uplink %s, weighting %s, moving average %s, min accepted %d%s%s",
+        flower_log(logging.INFO, "\t└──> lptfl: downlink %s, uplink %s, weighting %s, moving average %s, min accepted %d%s%s",
                  format_label(cfg.downlink), format_label(cfg.uplink), cfg.weighting,
                  f"lambda={cfg.moving_weight} from round {cfg.ma_start}" if cfg.moving_average else "off",
                  cfg.min_clients, "" if self.server_optimizer is None else f", server optimizer {self.server_optimizer.kind}",

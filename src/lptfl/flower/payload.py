@@ -31,8 +31,13 @@ def from_record(record: ArrayRecord, *, max_bytes: int = 1 << 30) -> bytes:
     Raises:
         PayloadError: the record does not hold exactly one 1-D uint8 array of at most ``max_bytes``.
     """
-    if not isinstance(record, ArrayRecord) or list(record.keys()) != [PAYLOAD_KEY]:
-        raise PayloadError(f"expected an ArrayRecord with the single key {PAYLOAD_KEY!r}")
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"expected an ArrayRecord with the single key {PAYLOAD_KEY!r}, got {type(record).__name__}")
+    keys = list(record.keys())
+    if keys != [PAYLOAD_KEY]:
+        found = (f"the keys {keys[:3]}{' ...' if len(keys) > 3 else ''}, as plain model weights have "
+                 "(the ServerApp's strategy must be lptfl.flower.LowPrecisionFedAvg)") if keys else "no key"
+        raise PayloadError(f"expected an ArrayRecord with the single key {PAYLOAD_KEY!r}, got {found}")
     array = record[PAYLOAD_KEY]
     if array.dtype != "uint8" or len(array.shape) != 1:
         raise PayloadError(f"payload must be a 1-D uint8 array, got dtype {array.dtype} shape {tuple(array.shape)}")

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lptfl import codec
+from lptfl.flower import arguments
 from lptfl.fl import LocalTrainer, evaluate, full_precision_names
 from lptfl.fl.algorithms import proximal_regularizer
 from lptfl.fl.client import LocalObjective
@@ -42,17 +43,21 @@ Data = Union[tuple[torch.Tensor, torch.Tensor], DataLoader]
 """Inputs ``n x ...`` (float) and integer labels ``n``, or a DataLoader yielding ``(x, y)`` batches."""
 
 METRICS_RECORD = "metrics"
+REPLY_METRICS = ("num-examples", "train-loss", "bytes-down", "bytes-up", "state-restored")
+"""The keys :func:`train_low_precision` puts in its reply's MetricRecord (``metrics`` may add others)."""
 DEFAULT_BATCH_SIZE = 32
 
 
 def as_tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)`` from tensors, or from one pass over a DataLoader (its batches concatenated;
     the helpers then shuffle and batch with their own seeded generator).
-    Floating inputs become float32, labels int64.
+    Inputs become float32 ``n x ...``, labels int64 ``n``.
 
     Raises:
-        TypeError: ``data`` is neither a pair of tensors nor a DataLoader of ``(x, y)`` batches.
-        ValueError: x and y disagree in length, or there are no samples.
+        TypeError: ``data`` is neither a pair of tensors nor a DataLoader of ``(x, y)`` batches,
+            the inputs are not floating point (raw bytes: convert and normalise them first), or
+            the labels are not integer class indices of shape ``n``.
+        ValueError: x and y disagree in length, there are no samples, or x holds NaN or inf.
     """
     if isinstance(data, DataLoader):
         xs, ys = [], []
@@ -68,9 +73,21 @@ def as_tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data
     else:
         raise TypeError(f"data must be a pair of tensors (x, y) or a DataLoader, got {type(data).__name__}")
+    if x.dim() == 0 or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor n x ..., got {x.dtype} of shape {tuple(x.shape)} "
+                        "(convert and normalise raw values first, e.g. x.float() / 255)")
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class indices of shape (n,), got {y.dtype} of shape {tuple(y.shape)} "
+                        "(one-hot labels: y.argmax(1))")
     if x.shape[0] != y.shape[0] or y.shape[0] == 0:
         raise ValueError(f"x has {x.shape[0]} rows and y {y.shape[0]}; expected the same number, at least 1")
-    return (x.float() if x.is_floating_point() else x), y.long()
+    if not torch.isfinite(x).all():
+        raise ValueError("x holds NaN or infinite values; clean or drop those rows")
+    return x.float(), y.long()
+
+
+def _check_policy(policy: object) -> None:
+    arguments.instance("policy", policy, PrecisionPolicy, "PrecisionPolicy.low_precision(8)")
 
 
 def _downlink(msg: Message) -> tuple[str, bytes]:
@@ -92,8 +109,18 @@ def _config(msg: Message) -> Mapping:
     return next(iter(records.values())) if len(records) == 1 else {}
 
 
-def _expected_state(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+def _decode_for(model: nn.Module, down: bytes, *, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """The downlink's state, checked against ``model``'s state but the entries in ``skip``.
+
+    Raises:
+        lptfl.codec.PayloadError: it does not decode to that state (the message says which side is which).
+    """
+    expect = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in skip}
+    try:
+        return codec.decode(down, expect=expect)
+    except codec.PayloadError as err:
+        raise codec.PayloadError(f"the server's model does not decode to this client's model ('expected' is this "
+                                 f"client's, 'got' the server's): {err}") from None
 
 
 def _round_seed(context: Context, server_round: int, seed: int | None) -> int:
@@ -153,7 +180,8 @@ def train_low_precision(
             neither expected in the downlink nor sent up; the node keeps them in
             ``context.state`` (the model's own values before its first round).
         objective: extra loss terms with their own inputs (e.g. FedGen's generated features).
-        metrics: extra values for the reply's MetricRecord (e.g. the client's label counts).
+        metrics: extra values for the reply's MetricRecord (e.g. the client's label counts); none of
+            :data:`REPLY_METRICS`.
 
     Returns:
         The reply: the packed update in an ArrayRecord under the downlink's key, and a
@@ -162,10 +190,24 @@ def train_low_precision(
         and ``metrics``.
 
     Raises:
+        TypeError: an argument has the wrong type (named in the message), or the data are not
+            float inputs with integer labels.
         ValueError: the server accepts another uplink format than ``policy.uplink``, the
-            message holds no single ArrayRecord, or the data are malformed.
+            message holds no single ArrayRecord, ``metrics`` redefines one of
+            :data:`REPLY_METRICS`, an argument is out of range, or the data are malformed.
         lptfl.codec.PayloadError: the downlink does not decode to ``model``'s state.
     """
+    _check_policy(policy)
+    arguments.integer("epochs", epochs, minimum=1)
+    if batch_size is not None:
+        arguments.integer("batch_size", batch_size, minimum=1)
+    arguments.number("lr", lr, low=0.0, low_open=True)
+    if seed is not None:
+        arguments.integer("seed", seed, minimum=0)
+    local = set(arguments.names("keep_local", keep_local))
+    clash = sorted(set(metrics or {}) & set(REPLY_METRICS))
+    if clash:
+        raise ValueError(f"metrics may not redefine {clash}: train_low_precision sets them")
     config = _config(msg)
     announced = config.get(UPLINK_FORMAT_KEY)
     if announced is not None and announced != format_label(policy.uplink):
@@ -176,14 +218,12 @@ def train_low_precision(
     if batch_size is None:
         loader_batch = train_data.batch_size if isinstance(train_data, DataLoader) else None
         batch_size = loader_batch or DEFAULT_BATCH_SIZE
-    local = set(keep_local)
     initial = model.state_dict()
     unknown = sorted(local - set(initial))
     if unknown:
         raise ValueError(f"keep_local names entries that are not in the model's state: {unknown}")
     full_precision = [k for k in full_precision_names(model) if k not in local]
-    expect = {k: v for k, v in _expected_state(model).items() if k not in local}
-    start = codec.decode(down, expect=expect)
+    start = _decode_for(model, down, skip=local)
     if local:
         start.update(load_local_state(context.state, {k: initial[k] for k in local}))
     trainer = LocalTrainer(model, policy, optimizer=optimizer, lr=lr, example_input=x[:batch_size],
@@ -236,10 +276,16 @@ def evaluate_low_precision(
     Returns:
         The reply: a MetricRecord ``"metrics"`` with ``num-examples``, ``eval-loss`` (mean
         cross-entropy, nats), ``eval-acc`` (fraction 0-1) and ``bytes-down``.
+
+    Raises:
+        TypeError / ValueError: a wrong ``policy`` or ``batch_size``, or malformed data.
+        lptfl.codec.PayloadError: the downlink does not decode to ``model``'s state.
     """
+    _check_policy(policy)
+    arguments.integer("batch_size", batch_size, minimum=1)
     _, down = _downlink(msg)
     x, y = as_tensors(test_data)
-    state = codec.decode(down, expect=_expected_state(model))
+    state = _decode_for(model, down)
     model.to(device)
     policy.prepare_model(model, x[:batch_size].to(device))
     model.load_state_dict(state)

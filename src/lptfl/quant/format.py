@@ -42,13 +42,13 @@ class BFPFormat:
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
-            raise ValueError(f"bits must be an integer in [2, 16] (sign included), got {self.bits!r}")
+            raise ValueError(f"bits must be a Python int in [2, 16] (sign included), got {self.bits!r}")
         if (
             isinstance(self.exp_bits, bool)
             or not isinstance(self.exp_bits, int)
             or not 1 <= self.exp_bits <= 8
         ):
-            raise ValueError(f"exp_bits must be an integer in [1, 8], got {self.exp_bits!r}")
+            raise ValueError(f"exp_bits must be a Python int in [1, 8], got {self.exp_bits!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.small_block not in SMALL_BLOCKS:

@@ -13,6 +13,7 @@ import torch
 from lptfl.quant.compiled import MaybeCompiled
 from lptfl.quant.format import BFPFormat
 from lptfl.quant.quantize import quantize_with_key
+from lptfl.quant.random import check_generator
 
 
 def _quantize_all(tensors: list[torch.Tensor], fmt: BFPFormat, keys: torch.Tensor | None) -> list[torch.Tensor]:
@@ -31,6 +32,9 @@ class LowPrecisionOptimizer:
         compile: fuse the per-tensor quantization with ``torch.compile`` (same results: the
             first compiled call is checked against eager, which replaces it if they differ).
         compile_mode: ``torch.compile``'s mode.
+
+    Raises:
+        TypeError: ``optimizer``, a format or ``generator`` has the wrong type.
     """
 
     def __init__(
@@ -43,6 +47,13 @@ class LowPrecisionOptimizer:
         compile: bool = False,
         compile_mode: str = "default",
     ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError("optimizer must be a torch.optim.Optimizer (e.g. torch.optim.Adam(model.parameters())), "
+                            f"got {type(optimizer).__name__}")
+        for name, fmt in (("weight", weight), ("grad", grad)):
+            if fmt is not None and not isinstance(fmt, BFPFormat):
+                raise TypeError(f"{name} must be a BFPFormat or None, got {type(fmt).__name__}")
+        check_generator(generator)
         self.optimizer = optimizer
         self.weight_format = weight
         self.grad_format = grad

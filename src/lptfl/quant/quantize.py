@@ -98,13 +98,15 @@ def quantize_with_key(x: torch.Tensor, fmt: BFPFormat, key: torch.Tensor | None,
 
 
 def check_quantizable(x: torch.Tensor, fmt: BFPFormat) -> None:
-    """Raise ``TypeError`` unless ``x`` is a float32/bf16/fp16 tensor and ``fmt`` a BFPFormat."""
+    """Raise ``TypeError`` unless ``x`` is a dense float32/bf16/fp16 tensor and ``fmt`` a BFPFormat."""
     if not isinstance(fmt, BFPFormat):
         raise TypeError(f"fmt must be a BFPFormat, got {type(fmt).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must have dtype float32, bfloat16 or float16, got {x.dtype}")
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense tensor, got layout {x.layout} (convert it with .to_dense())")
     if x.numel() >= 1 << 31:
         raise ValueError(f"x has {x.numel()} elements; at most 2**31 - 1 are supported")
 

@@ -86,8 +86,20 @@ def mix_key(key: torch.Tensor, salt: int) -> torch.Tensor:
     return _lowbias32(key ^ (salt * _M1 & 0x7FFFFFFF))
 
 
+def check_generator(generator: object) -> None:
+    """Raise ``TypeError`` unless ``generator`` is a ``torch.Generator`` or None (an int seed is not)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None, "
+                        f"got {type(generator).__name__}")
+
+
 def draw_key(generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Draw a fresh 0-d int32 key from ``generator`` (or torch's default generator)."""
+    """Draw a fresh 0-d int32 key from ``generator`` (or torch's default generator).
+
+    Raises:
+        TypeError: see :func:`check_generator`.
+    """
+    check_generator(generator)
     if generator is not None:
         device = generator.device
     return torch.randint(-(1 << 31), (1 << 31) - 1, (), dtype=torch.int32, generator=generator, device=device)
