@@ -210,11 +210,12 @@ class LowPrecisionFedAvg(FedAvg):
         the rest of the strategy's summary (a Flower app configures no handler for lptfl's loggers)."""
         super().summary()
         cfg = self.server_config
-        flower_log(logging.INFO, "\t└──> lptfl: downlink %s, uplink %s, weighting %s, moving average %s, min accepted %d%s%s",
-                 format_label(cfg.downlink), format_label(cfg.uplink), cfg.weighting,
-                 f"lambda={cfg.moving_weight} from round {cfg.ma_start}" if cfg.moving_average else "off",
-                 cfg.min_clients, "" if self.server_optimizer is None else f", server optimizer {self.server_optimizer.kind}",
-                 f", proximal mu {self.proximal_mu}" if self.proximal_mu else "")
+        flower_log(logging.INFO, "\t└──> lptfl: downlink %s, uplink %s, weighting %s, moving average %s, "
+                   "min accepted %d%s%s", format_label(cfg.downlink), format_label(cfg.uplink), cfg.weighting,
+                   f"lambda={cfg.moving_weight} from round {cfg.ma_start}" if cfg.moving_average else "off",
+                   cfg.min_clients,
+                   "" if self.server_optimizer is None else f", server optimizer {self.server_optimizer.kind}",
+                   f", proximal mu {self.proximal_mu}" if self.proximal_mu else "")
 
     # -- hooks ----------------------------------------------------------------------------------
     def new_server(self, arrays: ArrayRecord) -> Server:
