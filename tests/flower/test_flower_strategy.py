@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
@@ -209,7 +209,7 @@ def test_every_reply_field_is_checked_and_the_round_goes_on(digits):
     assert "the reply came from node 999" in reasons[103]
     assert "a check that fails on odd input" in reasons[104]
     assert {o.node: o.status for o in strategy.last_round.outcomes} == {100: "accepted", **dict.fromkeys(tamper, "rejected")}
-    with pytest.raises(ValueError, match=r"max_weight must be a finite number in \(0, inf\), got 0"):
+    with pytest.raises(ValueError, match=r"max_weight must be a finite number > 0, got 0.0"):
         LowPrecisionFedAvg(policy=POLICY, max_weight=0)
 
 
@@ -222,8 +222,6 @@ def test_client_refuses_a_policy_the_server_does_not_accept(digits):
 
 
 def train_message(strategy: LowPrecisionFedAvg, grid: HelperGrid, model: nn.Module) -> Message:
-    from flwr.app import ConfigRecord
-
     (msg, *_) = strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), grid)
     msg.metadata.__dict__["_message_id"] = msg.object_id
     return msg
@@ -256,22 +254,30 @@ def test_a_dataloader_trains_exactly_as_its_tensors(digits):
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"policy": "paper-8bit"}, TypeError, r"policy must be a PrecisionPolicy \(e.g. .*\), got str"),
     ({"server_optimizer": "fedadam"}, TypeError, r"server_optimizer must be a ServerOptimizer or None .*got str"),
-    ({"moving_weight": "0.9"}, TypeError, r"moving_weight must be a number in \[0, 1\), got str '0.9'"),
+    ({"moving_weight": "0.9"}, TypeError, r"moving_weight must be a finite number in \[0, 1\), got str '0.9'"),
     ({"moving_weight": 1.0}, ValueError, r"moving_weight must be a finite number in \[0, 1\), got 1.0"),
     ({"moving_average": "false"}, TypeError, "moving_average must be True or False, got str 'false'"),
     ({"ma_start": 1.5}, TypeError, "ma_start must be an integer >= 1, got float 1.5"),
     ({"min_accepted": 0}, ValueError, "min_accepted must be an integer >= 1, got 0"),
     ({"max_payload_bytes": 0}, ValueError, "max_payload_bytes must be an integer >= 1, got 0"),
     ({"fraction_train": 1.5}, ValueError, r"fraction_train must be a finite number in \[0, 1\], got 1.5"),
-    ({"proximal_mu": "0.1"}, TypeError, "proximal_mu must be a number"),
-    ({"max_update_norm": float("nan")}, ValueError, "max_update_norm must be a finite number"),
-    ({"seed": "x"}, TypeError, "seed must be an integer >= 0, got str 'x'"),
+    ({"proximal_mu": "0.1"}, TypeError, "proximal_mu must be a finite number >= 0, got str '0.1'"),
+    ({"max_update_norm": float("nan")}, ValueError, "max_update_norm must be a finite number > 0, got nan"),
+    ({"seed": "x"}, TypeError, "seed must be an integer, got str 'x'"),
     ({"full_precision": "0.bias"}, TypeError, r"full_precision must be a list of state-entry names, got the "
                                               r"single string '0.bias' \(write \['0.bias'\]\)"),
 ])
 def test_strategy_arguments_are_checked_when_it_is_built(kwargs, error, message):
     with pytest.raises(error, match=message):
         LowPrecisionFedAvg(**{"policy": POLICY, **kwargs})
+
+
+def test_strategy_takes_numpy_scalars_as_numbers():
+    strategy = LowPrecisionFedAvg(policy=POLICY, moving_weight=np.float32(0.5), ma_start=np.int64(2),
+                                  proximal_mu=np.float64(0.1), max_payload_bytes=np.int32(1 << 20))
+    config = strategy.server_config
+    assert (config.moving_weight, config.ma_start, config.max_payload_bytes) == (0.5, 2, 1 << 20)
+    assert type(config.ma_start) is int and type(config.moving_weight) is float and strategy.proximal_mu == 0.1
 
 
 def test_summary_goes_to_flowers_log_beside_fedavgs():
@@ -291,7 +297,7 @@ def test_summary_goes_to_flowers_log_beside_fedavgs():
     finally:
         flower.removeHandler(lines)
     assert any("Fraction: train" in line for line in lines.lines)  # FedAvg's own summary
-    assert lines.lines[-1] == ("\t└──> lptfl: downlink bfp8e8-B-FC, uplink bfp8e8-B-FC, weighting samples, "
+    assert lines.lines[-1] == ("\tlptfl: downlink bfp8e8-B-FC, uplink bfp8e8-B-FC, weighting samples, "
                                "moving average lambda=0.5 from round 1, min accepted 1")
 
 
@@ -316,15 +322,15 @@ def test_client_helpers_check_their_arguments_and_data(digits):
         ({"epochs": 0}, ValueError, "epochs must be an integer >= 1, got 0"),
         ({"epochs": 1.5}, TypeError, "epochs must be an integer >= 1, got float 1.5"),
         ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1, got 0"),
-        ({"lr": "0.01"}, TypeError, "lr must be a number"),
+        ({"lr": "0.01"}, TypeError, "lr must be a finite number > 0, got str '0.01'"),
         ({"keep_local": "0.weight"}, TypeError, "keep_local must be a list of state-entry names, got the single string"),
         ({"metrics": {"num-examples": 10**9}}, ValueError, r"metrics may not redefine \['num-examples'\]"),
     ]
-    plain = Message(RecordDict({"arrays": ArrayRecord(mlp().state_dict()), "config": msg.content["config"]}),
-                    dst_node_id=7, message_type="train")
+    plain = Message(RecordDict({"arrays": ArrayRecord(mlp().state_dict()), "config": ConfigRecord({"lr": 0.01})}),
+                    dst_node_id=7, message_type="train")  # what Flower's FedAvg sends
     with pytest.raises(codec.PayloadError, match=r"single key 'bytes', got the keys \['1.weight', '1.bias', "
-                                                 r"'3.weight'\] ..., as plain model weights have \(the ServerApp's "
-                                                 r"strategy must be lptfl.flower.LowPrecisionFedAvg\)"):
+                                                 r"'3.weight'\] ...; the message lacks lptfl's train config, so "
+                                                 r"the ServerApp's strategy is not lptfl.flower.LowPrecisionFedAvg"):
         train_low_precision(plain, context, mlp(), (x, y), policy=POLICY)
     smaller = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     with pytest.raises(codec.PayloadError, match=r"the server's model does not decode to this client's model "

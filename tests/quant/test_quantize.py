@@ -191,6 +191,8 @@ def test_argument_validation():
         quantize(torch.randn(3), 8)
     with pytest.raises(TypeError, match=r"generator must be a torch.Generator \(e.g. .*\) or None, got int"):
         quantize(torch.randn(3), BFPFormat(8), generator=0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):  # even where no key is drawn
+        quantize(torch.randn(3), BFPFormat(8, rounding="nearest"), generator=0)
     with pytest.raises(TypeError, match="x must be a dense tensor, got layout torch.sparse_coo"):
         quantize(torch.eye(3).to_sparse(), BFPFormat(8))
     with pytest.raises(ValueError, match=r"bits must be a Python int in \[2, 16\] \(sign included\), got np.int64\(8\)"):

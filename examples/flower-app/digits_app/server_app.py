@@ -35,7 +35,7 @@ def main(grid: Grid, context: Context) -> None:
         min_train_nodes=int(cfg["min-nodes"]),
         min_evaluate_nodes=int(cfg["min-nodes"]),
         min_available_nodes=int(cfg["min-nodes"]),
-        moving_average=bool(cfg["moving-average"]),
+        moving_average=cfg["moving-average"],
         moving_weight=float(cfg["moving-weight"]),
     )
     model = make_model()

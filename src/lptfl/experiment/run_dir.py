@@ -152,12 +152,12 @@ class RunDirectory:
         Raises:
             OutputExistsError: the path is a file, or the folder cannot be created (the reason named).
         """
-        if self.path.exists() and not self.path.is_dir():
-            raise OutputExistsError(f"--out {self.path} is a file, not a directory; choose another --out")
-        created = self._outermost_missing()
         try:
+            if self.path.exists() and not self.path.is_dir():
+                raise OutputExistsError(f"--out {self.path} is a file, not a directory; choose another --out")
+            created = self._outermost_missing()
             self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
+        except OSError as err:  # e.g. no permission to look into or write a parent
             raise OutputExistsError(f"cannot create --out {self.path}: {err.strerror or err}; choose another --out") \
                 from None
         return created

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lptfl import codec
+from lptfl.fl import arguments
 from lptfl.fl.aggregate import RunningMean, State, moving_average
 from lptfl.fl.robust import ROBUST_MODES, CoordinateWise, update_distance
 from lptfl.fl.seeds import DOWNLINK_TAG
@@ -69,20 +70,23 @@ class ServerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Check every setting (TypeError for a wrong type, ValueError for a wrong value, one line
+        naming it) and store numbers as Python ints and floats."""
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if not 0.0 <= self.moving_weight < 1.0:
-            raise ValueError(f"moving_weight must be in [0, 1), got {self.moving_weight}")
-        if self.ma_start < 1:
-            raise ValueError(f"ma_start must be >= 1, got {self.ma_start}")
-        if self.min_clients < 1:
-            raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
-        if self.max_update_norm is not None and not self.max_update_norm > 0:
-            raise ValueError(f"max_update_norm must be > 0, got {self.max_update_norm}")
         if self.robust not in ROBUST_MODES:
             raise ValueError(f"robust must be one of {ROBUST_MODES}, got {self.robust!r}")
-        if not 0.0 <= self.trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        for name in ("downlink", "uplink"):
+            arguments.instance(name, getattr(self, name), BFPFormat, "BFPFormat(8)", optional=True)
+        arguments.flag("moving_average", self.moving_average)
+        self.moving_weight = arguments.number("moving_weight", self.moving_weight, low=0.0, high=1.0, high_open=True)
+        self.ma_start = arguments.integer("ma_start", self.ma_start, minimum=1)
+        self.max_payload_bytes = arguments.integer("max_payload_bytes", self.max_payload_bytes, minimum=1)
+        self.min_clients = arguments.integer("min_clients", self.min_clients, minimum=1)
+        if self.max_update_norm is not None:
+            self.max_update_norm = arguments.number("max_update_norm", self.max_update_norm, low=0.0, low_open=True)
+        self.trim_fraction = arguments.number("trim_fraction", self.trim_fraction, low=0.0, high=0.5, high_open=True)
+        self.seed = arguments.integer("seed", self.seed)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from lptfl.codec import PayloadError
 from lptfl.fl import Server, ServerConfig
 from lptfl.fl.server import RoundStats
 from lptfl.fl.server_optim import ServerOptimizer
-from lptfl.flower import arguments
+from lptfl.fl import arguments
 from lptfl.flower.payload import MODEL_RECORD_KEY, UPLINK_FORMAT_KEY, format_label, from_record, to_record
 from lptfl.quant import PrecisionPolicy
 
@@ -165,28 +165,21 @@ class LowPrecisionFedAvg(FedAvg):
         proximal_mu: float = 0.0,
         seed: int = 0,
     ) -> None:
+        arguments.precision_policy(policy)
+        arguments.instance("server_optimizer", server_optimizer, ServerOptimizer,
+                           'ServerOptimizer("fedadam", names=...)', optional=True)
+        for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
+            arguments.number(name, value, low=0.0, high=1.0)
+        arguments.integer("min_accepted", min_accepted, minimum=1)  # ServerConfig's min_clients
+        proximal_mu = arguments.number("proximal_mu", proximal_mu, low=0.0)
+        if max_weight is not None:
+            max_weight = arguments.number("max_weight", max_weight, low=0.0, low_open=True)
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=min_train_nodes,
             min_evaluate_nodes=min_evaluate_nodes, min_available_nodes=min_available_nodes,
             weighted_by_key=weighted_by_key, arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
             train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         )
-        arguments.instance("policy", policy, PrecisionPolicy, "PrecisionPolicy.low_precision(8)")
-        arguments.instance("server_optimizer", server_optimizer, ServerOptimizer,
-                           'ServerOptimizer("fedadam", names=...)', optional=True)
-        for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
-            arguments.number(name, value, low=0.0, high=1.0)
-        arguments.flag("moving_average", moving_average)
-        arguments.number("moving_weight", moving_weight, low=0.0, high=1.0, high_open=True)
-        arguments.integer("ma_start", ma_start, minimum=1)
-        arguments.integer("min_accepted", min_accepted, minimum=1)
-        arguments.integer("max_payload_bytes", max_payload_bytes, minimum=1)
-        arguments.number("proximal_mu", proximal_mu, low=0.0)
-        arguments.number("trim_fraction", trim_fraction, low=0.0, high=0.5, high_open=True)
-        for name, value in (("max_weight", max_weight), ("max_update_norm", max_update_norm)):
-            if value is not None:
-                arguments.number(name, value, low=0.0, low_open=True)
-        arguments.integer("seed", seed, minimum=0)
         self.policy = policy
         self.server_config = ServerConfig(
             moving_average=moving_average, moving_weight=moving_weight, ma_start=ma_start,
@@ -197,7 +190,7 @@ class LowPrecisionFedAvg(FedAvg):
         )
         self.full_precision = arguments.names("full_precision", full_precision)
         self.server_optimizer = server_optimizer
-        self.proximal_mu = float(proximal_mu)
+        self.proximal_mu = proximal_mu
         self.max_weight = max_weight
         self.server: Server | None = None
         self.last_round: TrainRound | None = None
@@ -210,7 +203,7 @@ class LowPrecisionFedAvg(FedAvg):
         the rest of the strategy's summary (a Flower app configures no handler for lptfl's loggers)."""
         super().summary()
         cfg = self.server_config
-        flower_log(logging.INFO, "\t└──> lptfl: downlink %s, uplink %s, weighting %s, moving average %s, "
+        flower_log(logging.INFO, "\tlptfl: downlink %s, uplink %s, weighting %s, moving average %s, "
                    "min accepted %d%s%s", format_label(cfg.downlink), format_label(cfg.uplink), cfg.weighting,
                    f"lambda={cfg.moving_weight} from round {cfg.ma_start}" if cfg.moving_average else "off",
                    cfg.min_clients,

@@ -35,9 +35,8 @@ def from_record(record: ArrayRecord, *, max_bytes: int = 1 << 30) -> bytes:
         raise PayloadError(f"expected an ArrayRecord with the single key {PAYLOAD_KEY!r}, got {type(record).__name__}")
     keys = list(record.keys())
     if keys != [PAYLOAD_KEY]:
-        found = (f"the keys {keys[:3]}{' ...' if len(keys) > 3 else ''}, as plain model weights have "
-                 "(the ServerApp's strategy must be lptfl.flower.LowPrecisionFedAvg)") if keys else "no key"
-        raise PayloadError(f"expected an ArrayRecord with the single key {PAYLOAD_KEY!r}, got {found}")
+        raise PayloadError(f"expected an ArrayRecord with the single key {PAYLOAD_KEY!r}, got the keys "
+                           f"{keys[:3]}{' ...' if len(keys) > 3 else ''}")
     array = record[PAYLOAD_KEY]
     if array.dtype != "uint8" or len(array.shape) != 1:
         raise PayloadError(f"payload must be a 1-D uint8 array, got dtype {array.dtype} shape {tuple(array.shape)}")

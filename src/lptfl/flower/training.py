@@ -30,8 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lptfl import codec
-from lptfl.flower import arguments
-from lptfl.fl import LocalTrainer, evaluate, full_precision_names
+from lptfl.fl import LocalTrainer, arguments, evaluate, full_precision_names
 from lptfl.fl.algorithms import proximal_regularizer
 from lptfl.fl.client import LocalObjective
 from lptfl.flower.local_state import load_local_state, save_local_state
@@ -81,13 +80,9 @@ def as_tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
                         "(one-hot labels: y.argmax(1))")
     if x.shape[0] != y.shape[0] or y.shape[0] == 0:
         raise ValueError(f"x has {x.shape[0]} rows and y {y.shape[0]}; expected the same number, at least 1")
-    if not torch.isfinite(x).all():
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():  # the sum first: no n x ... mask
         raise ValueError("x holds NaN or infinite values; clean or drop those rows")
     return x.float(), y.long()
-
-
-def _check_policy(policy: object) -> None:
-    arguments.instance("policy", policy, PrecisionPolicy, "PrecisionPolicy.low_precision(8)")
 
 
 def _downlink(msg: Message) -> tuple[str, bytes]:
@@ -126,7 +121,7 @@ def _decode_for(model: nn.Module, down: bytes, *, skip: Iterable[str] = ()) -> d
 def _round_seed(context: Context, server_round: int, seed: int | None) -> int:
     """``seed``, or one derived from the node id and the round (stable across reruns)."""
     if seed is not None:
-        return int(seed)
+        return seed
     words = np.random.SeedSequence([int(context.node_id) & (2**63 - 1), int(server_round)]).generate_state(2, np.uint64)
     return int(words[0] >> np.uint64(1))
 
@@ -197,13 +192,13 @@ def train_low_precision(
             :data:`REPLY_METRICS`, an argument is out of range, or the data are malformed.
         lptfl.codec.PayloadError: the downlink does not decode to ``model``'s state.
     """
-    _check_policy(policy)
-    arguments.integer("epochs", epochs, minimum=1)
+    arguments.precision_policy(policy)
+    epochs = arguments.integer("epochs", epochs, minimum=1)
     if batch_size is not None:
-        arguments.integer("batch_size", batch_size, minimum=1)
-    arguments.number("lr", lr, low=0.0, low_open=True)
+        batch_size = arguments.integer("batch_size", batch_size, minimum=1)
+    lr = arguments.number("lr", lr, low=0.0, low_open=True)
     if seed is not None:
-        arguments.integer("seed", seed, minimum=0)
+        seed = arguments.integer("seed", seed)
     local = set(arguments.names("keep_local", keep_local))
     clash = sorted(set(metrics or {}) & set(REPLY_METRICS))
     if clash:
@@ -213,7 +208,13 @@ def train_low_precision(
     if announced is not None and announced != format_label(policy.uplink):
         raise ValueError(f"the server accepts uplinks in {announced}, this client's policy sends "
                          f"{format_label(policy.uplink)}; use the server's precision policy")
-    key, down = _downlink(msg)
+    try:
+        key, down = _downlink(msg)
+    except codec.PayloadError as err:
+        if announced is not None:  # sent by LowPrecisionFedAvg: the payload itself is bad
+            raise
+        raise codec.PayloadError(f"{err}; the message lacks lptfl's train config, so the ServerApp's strategy is "
+                                 "not lptfl.flower.LowPrecisionFedAvg") from None
     x, y = as_tensors(train_data)
     if batch_size is None:
         loader_batch = train_data.batch_size if isinstance(train_data, DataLoader) else None
@@ -242,13 +243,8 @@ def train_low_precision(
         save_local_state(context.state, {k: result.state[k] for k in local})
     shared = {k: v for k, v in result.state.items() if k not in local}
     up = codec.encode(shared, policy.uplink, full_precision=full_precision, compress=compress)
-    values = {
-        "num-examples": int(result.num_samples),
-        "train-loss": float(result.loss),
-        "bytes-down": len(down),
-        "bytes-up": len(up),
-        "state-restored": int(restored),
-    }
+    values = dict(zip(REPLY_METRICS, (int(result.num_samples), float(result.loss), len(down), len(up),
+                                      int(restored)), strict=True))
     values.update(metrics or {})
     return Message(RecordDict({key: to_record(up), METRICS_RECORD: MetricRecord(values)}), reply_to=msg)
 
@@ -281,7 +277,7 @@ def evaluate_low_precision(
         TypeError / ValueError: a wrong ``policy`` or ``batch_size``, or malformed data.
         lptfl.codec.PayloadError: the downlink does not decode to ``model``'s state.
     """
-    _check_policy(policy)
+    arguments.precision_policy(policy)
     arguments.integer("batch_size", batch_size, minimum=1)
     _, down = _downlink(msg)
     x, y = as_tensors(test_data)

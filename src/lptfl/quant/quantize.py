@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from lptfl.quant.format import BFPFormat
-from lptfl.quant.random import draw_key, hashed_uniform_cohort, hashed_uniform_like
+from lptfl.quant.random import check_generator, draw_key, hashed_uniform_cohort, hashed_uniform_like
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -123,8 +123,13 @@ def quantize(x: torch.Tensor, fmt: BFPFormat, *, generator: torch.Generator | No
 
     Returns:
         A tensor of the same shape and dtype whose values are ``mantissa * 2**(e-(bits-2))``.
+
+    Raises:
+        TypeError: ``x`` is not a dense float tensor, ``fmt`` not a BFPFormat, or ``generator``
+            not a torch.Generator.
     """
     check_quantizable(x, fmt)
+    check_generator(generator)
     if x.numel() == 0:
         return x.clone()
     key = None

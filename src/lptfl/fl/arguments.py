@@ -1,50 +1,57 @@
-"""Checks of the arguments a Flower app passes to lptfl's strategy and client helpers.
+"""Checks of the arguments a user's code passes to lptfl's public objects (the server's settings,
+the Flower strategy and client helpers).
 
 A wrong argument would otherwise surface deep inside a round (after clients have trained) or not
 at all (a string split into characters, a zero batch size that trains nothing). Each check raises
-one line naming the argument, the value and what is expected.
+one line naming the argument, the value and what is expected. numpy scalars count as numbers.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Iterable
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+from lptfl.quant import PrecisionPolicy
 
 
-def integer(name: str, value: object, *, minimum: int) -> int:
-    """``value`` if it is an int >= ``minimum``.
+def integer(name: str, value: object, *, minimum: int | None = None) -> int:
+    """``value`` as an int if it is an integer (numpy's included, bool not) >= ``minimum``.
 
     Raises:
-        TypeError: not an int (a bool or a float such as 2.0 included).
+        TypeError: not an integer (a bool or a float such as 2.0 included).
         ValueError: below ``minimum``.
     """
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    value = operator.index(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {expected}, got {value}")
     return value
 
 
 def number(name: str, value: object, *, low: float, high: float = math.inf, low_open: bool = False,
            high_open: bool = False) -> float:
-    """``value`` as a float if it is a finite real number in the interval from ``low`` to ``high``
-    (each end closed unless ``*_open``).
+    """``value`` as a float if it is a finite real number (numpy's included, bool not) between
+    ``low`` and ``high`` (each end included unless ``*_open``).
 
     Raises:
-        TypeError: not an int or float (a bool or a string such as "0.9" included).
-        ValueError: not finite, or outside the interval.
+        TypeError: not a real number (a bool or a string such as "0.9" included).
+        ValueError: not finite, or outside the range.
     """
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or math.isinf(high) else ']'}"
-    if not (_is_int(value) or isinstance(value, float)):
-        raise TypeError(f"{name} must be a number in {interval}, got {type(value).__name__} {value!r}")
+    if math.isinf(high):
+        expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        expected = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    value = float(value)
     inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not math.isfinite(value) or not inside:
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
-    return float(value)
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
 
 
 def flag(name: str, value: object) -> bool:
@@ -89,4 +96,13 @@ def instance(name: str, value: object, kind: type, example: str, *, optional: bo
     raise TypeError(f"{name} must be {accepted} (e.g. {example}), got {type(value).__name__}")
 
 
-__all__ = ["flag", "instance", "integer", "names", "number"]
+def precision_policy(value: object) -> None:
+    """Check that ``value``, a ``policy`` argument, is a PrecisionPolicy.
+
+    Raises:
+        TypeError: naming the type received.
+    """
+    instance("policy", value, PrecisionPolicy, "PrecisionPolicy.low_precision(8)")
+
+
+__all__ = ["flag", "instance", "integer", "names", "number", "precision_policy"]
