@@ -57,6 +57,10 @@ def test_quantizer_pass_through_and_state_dict_untouched():
     plain = ConvNet(1, 10, 28)
     plain.load_state_dict(model.state_dict())
     assert torch.equal(model(x), plain(x))
+    # a single position given as a string is that position, not its letters
+    assert len(insert_quantizers(ConvNet(1, 10, 28), None, None, positions="linear")) == 4
+    with pytest.raises(ValueError, match=r"unknown quantizer positions \['conv'\]"):
+        insert_quantizers(ConvNet(1, 10, 28), None, None, positions=["conv"])
 
 
 def test_every_activation_is_on_the_grid_after_insertion():

@@ -47,12 +47,13 @@ def insert_quantizers(
         model: any module; its submodules of the kinds in ``positions`` get a quantizer.
         activation: format of forward activations (None: not quantized).
         error: format of backward errors (None: not quantized).
-        positions: any of ``"linear"`` (conv and linear layers), ``"activation"``, ``"pool"``.
+        positions: any of ``"linear"`` (conv and linear layers), ``"activation"``, ``"pool"``
+            (a single string is one position).
 
     Returns:
         The quantizers, in module order. Calling again replaces the formats.
     """
-    positions = tuple(positions)
+    positions = (positions,) if isinstance(positions, str) else tuple(positions)
     unknown = [p for p in positions if p not in POSITIONS]
     if unknown:
         raise ValueError(f"unknown quantizer positions {unknown}; expected a subset of {sorted(POSITIONS)}")
