@@ -32,7 +32,7 @@ from lptfl.experiment.config import (
     load_config_file,
     typed_values,
 )
-from lptfl.experiment.results import ACTIVATIONS, LAST_ROUNDS
+from lptfl.experiment.results import ACTIVATIONS, LAST_ROUNDS, METRICS
 from lptfl.report import REPORT_FORMATS
 
 log = logging.getLogger("lptfl")
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     _flower_local_parser(sub)
     report = sub.add_parser("report", help="paper-style table and curves of several runs")
-    report.add_argument("runs", nargs="+", type=Path, help="run directories")
+    report.add_argument("runs", nargs="+", type=Path,
+                        help="run directories, or folders of them (their subfolders that hold a metrics.jsonl)")
     report.add_argument("--plot", type=Path, help="save the curves of all runs here (PNG)")
     report.add_argument("--format", default="markdown", choices=REPORT_FORMATS,
                         help="markdown (the paper-style table), csv (one row per run) or json (rows with their "
@@ -217,20 +218,30 @@ def _final_accuracy(summary: dict) -> str:
 
 def _have_metrics(run_dirs: list[Path]) -> bool:
     """Whether every run directory holds a ``metrics.jsonl``; names those that do not on stderr."""
-    missing = [str(d) for d in run_dirs if not (d / "metrics.jsonl").exists()]
+    missing = [str(d) for d in run_dirs if not (d / METRICS).exists()]
     if missing:
-        print(f"lptfl: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
+        print(f"lptfl: error: no {METRICS} in {', '.join(missing)}", file=sys.stderr)
     return not missing
+
+
+def _runs_in(paths: list[Path]) -> list[Path]:
+    """Each path that is a run directory, or else the run directories directly inside it (sorted)."""
+    found = []
+    for path in paths:
+        inside = sorted(d for d in path.iterdir() if (d / METRICS).exists()) if path.is_dir() else []
+        found += [path] if (path / METRICS).exists() or not inside else inside
+    return found
 
 
 def _command_report(args: argparse.Namespace) -> int:
     from lptfl.report import plot_curves, report
 
-    if not _have_metrics(args.runs):
+    runs = _runs_in(args.runs)
+    if not _have_metrics(runs):
         return 2
-    print(report(args.runs, args.format), end="")
+    print(report(runs, args.format), end="")
     if args.plot is not None:
-        plot_curves(args.runs, args.plot)
+        plot_curves(runs, args.plot)
         print(f"curves saved to {args.plot}")
     return 0
 

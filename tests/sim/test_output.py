@@ -61,6 +61,14 @@ def test_report_formats(two_round_run, capsys):
     assert "invalid choice: 'xml'" in capsys.readouterr().err
 
 
+def test_report_reads_a_folder_of_runs(two_round_run, tmp_path, capsys):
+    assert main(["report", str(two_round_run.parent), "--format", "csv"]) == 0  # the folder holding "two"
+    assert [row["run"] for row in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["two"]
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err == f"lptfl: error: no metrics.jsonl in {tmp_path / 'empty'}\n"
+
+
 def test_json_report_writes_a_round_not_evaluated_as_null(tmp_path, capsys):
     run_dir = tmp_path / "sparse"
     assert main(["run", *TINY, "--c_rounds", "7", "--eval_every", "3", "--out", str(run_dir)]) == 0
