@@ -169,8 +169,10 @@ def seeds_section(rows: dict[str, dict], alpha: float, rounds: int, width: int) 
     if not width and all(len(g["seeds"]) < 2 for g in groups.values()):
         return ""
 
-    def cell(group: dict, key: str) -> str:
-        return "-" if group[key] is None else f"{group[key]:.1f} +- {group[f'{key}_sd']:.1f}"
+    def cell(group: dict, key: str) -> str:  # no sd from one seed
+        if group[key] is None:
+            return "-"
+        return f"{group[key]:.1f}" + (f" +- {group[f'{key}_sd']:.1f}" if len(group["seeds"]) > 1 else "")
 
     lines = ["| config | seeds | rounds | test_accuracy (%) | fp32 act. (%) | policy act. (%) | paper (%) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -55,8 +55,8 @@ def test_the_table_has_a_section_per_alpha_with_the_paper_figures_and_paired_cla
     assert "| q8-avg | 5 | 80.0 +- 0.0 | 83.8 +- 0.1 |" in second  # the paper's alpha 0.04 column
     assert "| q8-avg-s1 | 5 |" in second and "a0.04" not in second.split("### Details")[0]
     for section in (first, second):
-        assert "q8-avg - fp32-noavg >= -1.0 points: +1.00 +- 1.41 over 2 seed(s) (s0 +2.0, s1 +0.0): holds" in section
-        assert "q8-avg - q8-noavg >= +3.0 points: +10.00 +- 0.00 over 2 seed(s)" in section
+        assert "q8-avg - fp32-noavg >= -1.0 points: +1.00 +- 1.41 over 2 seeds (s0 +2.0, s1 +0.0): holds" in section
+        assert "q8-avg - q8-noavg >= +3.0 points: +10.00 +- 0.00 over 2 seeds" in section
         assert "| q8-noavg | 0,1 | 5 | 70.0 +- 0.0 | 70.0 +- 0.0 | 69.0 +- 0.0 | " in section
 
 
@@ -66,8 +66,9 @@ def test_a_narrow_proxy_with_one_seed_still_judges_the_claim_without_the_paper(t
     reproduce.write_table(tmp_path, runs, rounds=5, width=32)
     text = (tmp_path / "table.md").read_text()
     assert "ConvNet width 32" in text and "90.6" not in text  # no paper figure beside a proxy
-    assert "q8-avg - fp32-noavg >= -1.0 points: -2.00 +- 0.00 over 1 seed(s) (s0 -2.0): does not hold" in text
-    assert "q8-avg - q8-noavg >= +3.0 points: +1.00 +- 0.00 over 1 seed(s) (s0 +1.0): does not hold" in text
+    assert "q8-avg - fp32-noavg >= -1.0 points: -2.00 on one seed (s0 -2.0): does not hold" in text
+    assert "q8-avg - q8-noavg >= +3.0 points: +1.00 on one seed (s0 +1.0): does not hold" in text
+    assert "| q8-avg | 0 | 5 | 75.0 | " in text  # one seed has no sd over seeds
 
 
 def test_a_bad_alpha_list_stops_with_a_one_line_error():

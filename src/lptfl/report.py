@@ -272,8 +272,9 @@ def paired_differences(groups: Mapping[str, dict], subject: str, margins: Sequen
         mean, sd = _mean_sd(diffs)
         verdict = "holds" if mean >= margin else "does not hold"
         per_seed = ", ".join(f"s{s} {_no_negative_zero(d, 1):+.1f}" for s, d in zip(seeds, diffs))
-        lines.append(f"- {subject} - {other} >= {margin:+.1f} points: {_no_negative_zero(mean, 2):+.2f} +- {sd:.2f} over "
-                     f"{len(seeds)} seed(s) ({per_seed}): {verdict}")
+        spread = f" +- {sd:.2f} over {len(seeds)} seeds" if len(seeds) > 1 else " on one seed"
+        lines.append(f"- {subject} - {other} >= {margin:+.1f} points: {_no_negative_zero(mean, 2):+.2f}{spread} "
+                     f"({per_seed}): {verdict}")
     return lines
 
 

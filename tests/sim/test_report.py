@@ -81,13 +81,13 @@ def test_paired_differences_pair_seeds_and_judge_the_mean():
     groups = seed_rows(seeded(q8_avg={0: 70.0, 1: 80.0, 2: 90.0}, fp32_noavg={0: 72.0, 1: 82.0, 2: 92.0},
                               q8_noavg={0: 60.0, 1: 70.0}))
     lines = paired_differences(groups, "q8-avg", MARGINS)
-    assert lines[0].startswith("- q8-avg - fp32-noavg >= -1.0 points: -2.00 +- 0.00 over 3 seed(s)")
+    assert lines[0].startswith("- q8-avg - fp32-noavg >= -1.0 points: -2.00 +- 0.00 over 3 seeds")
     assert lines[0].endswith("does not hold")
-    assert "over 2 seed(s) (s0 +10.0, s1 +10.0): holds" in lines[1]
+    assert "over 2 seeds (s0 +10.0, s1 +10.0): holds" in lines[1]
 
 
 def test_a_tie_on_paired_seeds_reads_plus_zero():
     # 0.1 + 0.2 - 0.3 style residues: differences of +1e-15 and -1e-15 must not print as -0.00 or -0.0
     groups = seed_rows(seeded(q8_avg={0: 70.0 + 1e-13, 1: 80.0 - 2e-13}, fp32_noavg={0: 70.0, 1: 80.0}))
     (line,) = paired_differences(groups, "q8-avg", MARGINS[:1])
-    assert ": +0.00 +- 0.00 over 2 seed(s) (s0 +0.0, s1 +0.0): holds" in line
+    assert ": +0.00 +- 0.00 over 2 seeds (s0 +0.0, s1 +0.0): holds" in line
