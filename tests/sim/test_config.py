@@ -3,6 +3,7 @@ fingerprint and the resume whitelist derived from it keep the meaning they had."
 
 import json
 from dataclasses import fields, replace
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,10 @@ def test_a_refused_resume_names_every_setting_it_may_change(tmp_path):
     fields_ = RunConfig.__dataclass_fields__
     changed = {name: other_value(fields_[name], fields_[name].default) for name in RunConfig.resumable()}
     assert resume_config(tmp_path, changed) == RunConfig(**changed)
+
+
+def test_reliability_doc_lists_every_setting_a_resume_may_change():
+    text = " ".join((Path(__file__).parents[2] / "docs" / "reliability.md").read_text().split())
+    listed = text.split("may change only settings outside the config fingerprint (", 1)[1].split(":", 1)[0]
+    assert sorted(name.strip("`- ") for name in listed.split(",")) == sorted(RunConfig.resumable())
+
