@@ -228,8 +228,8 @@ def _runs_in(paths: list[Path]) -> list[Path]:
     """Each path that is a run directory, or else the run directories directly inside it (sorted)."""
     found = []
     for path in paths:
-        inside = sorted(d for d in path.iterdir() if (d / METRICS).exists()) if path.is_dir() else []
-        found += [path] if (path / METRICS).exists() or not inside else inside
+        is_run = (path / METRICS).exists() or not path.is_dir()
+        found += ([] if is_run else sorted(d for d in path.iterdir() if (d / METRICS).exists())) or [path]
     return found
 
 

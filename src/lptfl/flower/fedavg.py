@@ -40,10 +40,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from lptfl.codec import PayloadError
-from lptfl.fl import Server, ServerConfig
+from lptfl.fl import Server, ServerConfig, arguments
 from lptfl.fl.server import RoundStats
 from lptfl.fl.server_optim import ServerOptimizer
-from lptfl.fl import arguments
 from lptfl.flower.payload import MODEL_RECORD_KEY, UPLINK_FORMAT_KEY, format_label, from_record, to_record
 from lptfl.quant import PrecisionPolicy
 

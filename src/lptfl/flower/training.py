@@ -104,13 +104,14 @@ def _config(msg: Message) -> Mapping:
     return next(iter(records.values())) if len(records) == 1 else {}
 
 
-def _decode_for(model: nn.Module, down: bytes, *, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """The downlink's state, checked against ``model``'s state but the entries in ``skip``.
+def _decode_for(state: Mapping[str, torch.Tensor], down: bytes, *,
+                skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """The downlink's state, checked against this client's model ``state`` but the entries in ``skip``.
 
     Raises:
         lptfl.codec.PayloadError: it does not decode to that state (the message says which side is which).
     """
-    expect = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in skip}
+    expect = {k: (tuple(v.shape), v.dtype) for k, v in state.items() if k not in skip}
     try:
         return codec.decode(down, expect=expect)
     except codec.PayloadError as err:
@@ -224,7 +225,7 @@ def train_low_precision(
     if unknown:
         raise ValueError(f"keep_local names entries that are not in the model's state: {unknown}")
     full_precision = [k for k in full_precision_names(model) if k not in local]
-    start = _decode_for(model, down, skip=local)
+    start = _decode_for(initial, down, skip=local)
     if local:
         start.update(load_local_state(context.state, {k: initial[k] for k in local}))
     trainer = LocalTrainer(model, policy, optimizer=optimizer, lr=lr, example_input=x[:batch_size],
@@ -281,7 +282,7 @@ def evaluate_low_precision(
     arguments.integer("batch_size", batch_size, minimum=1)
     _, down = _downlink(msg)
     x, y = as_tensors(test_data)
-    state = _decode_for(model, down)
+    state = _decode_for(model.state_dict(), down)
     model.to(device)
     policy.prepare_model(model, x[:batch_size].to(device))
     model.load_state_dict(state)

@@ -94,12 +94,8 @@ def check_generator(generator: object) -> None:
 
 
 def draw_key(generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Draw a fresh 0-d int32 key from ``generator`` (or torch's default generator).
-
-    Raises:
-        TypeError: see :func:`check_generator`.
-    """
-    check_generator(generator)
+    """Draw a fresh 0-d int32 key from ``generator`` (or torch's default generator); its public
+    callers have checked ``generator`` (:func:`check_generator`)."""
     if generator is not None:
         device = generator.device
     return torch.randint(-(1 << 31), (1 << 31) - 1, (), dtype=torch.int32, generator=generator, device=device)
