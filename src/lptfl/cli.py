@@ -56,6 +56,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"lptfl: error: {message} (see {self.prog} --help)\n")
 
 
+def _folder(text: str) -> Path:
+    """An argparse type: a folder path (an empty one would be the current directory, unasked)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder path, got an empty string (for the current directory, "
+                                         "say .)")
+    return Path(text)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
     """The --help groups of ``parser``, in order, by title."""
     return {title: parser.add_argument_group(title) for title in (*GROUPS, PUBLISHED_GROUP)}
@@ -93,7 +112,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_setting_flags(groups, "sim")
     groups[CORE].add_argument("--config", type=Path, help="TOML file, or JSON file (*.json, the published entry "
                                                           "point's format) of flag values (flags given here override it)")
-    groups[OUTPUT].add_argument("--out", type=Path, help="output directory (default runs/<dataset>-<time>)")
+    groups[OUTPUT].add_argument("--out", type=_folder, help="output directory (default runs/<dataset>-<time>)")
     groups[OUTPUT].add_argument("--overwrite", action=argparse.BooleanOptionalAction,
                                 help="replace the results already in --out")
     groups[OUTPUT].add_argument("--quiet", action=argparse.BooleanOptionalAction, help="no progress bar, warnings only")
@@ -225,25 +244,27 @@ def _have_metrics(run_dirs: list[Path]) -> bool:
 
 
 def _runs_in(paths: list[Path]) -> list[Path]:
-    """Each path that is a run directory, or else the run directories directly inside it (sorted)."""
+    """Each path that is a run directory, and the run directories directly inside it (sorted; hidden ones,
+    such as a run set aside by ``--overwrite``, left out); a path that is neither stays, for
+    :func:`_have_metrics` to name."""
     found = []
     for path in paths:
-        is_run = (path / METRICS).exists() or not path.is_dir()
-        found += ([] if is_run else sorted(d for d in path.iterdir() if (d / METRICS).exists())) or [path]
-    return found
+        inside = sorted(metrics.parent for metrics in path.glob(f"[!.]*/{METRICS}"))
+        found += ([path] if (path / METRICS).exists() or not inside else []) + inside
+    return list(dict.fromkeys(found))
 
 
 def _command_report(args: argparse.Namespace) -> int:
-    from lptfl.report import plot_curves, report
+    from lptfl.report import plot_curves, readable_rows, report
 
     runs = _runs_in(args.runs)
     if not _have_metrics(runs):
         return 2
-    print(report(runs, args.format), end="")
+    rows = readable_rows(runs)  # a damaged run among several is skipped with a warning
+    print(report(list(rows.values()), args.format), end="")
     if args.plot is not None:
-        plot_curves(runs, args.plot)
-        print(f"curves saved to {args.plot}")
-    return 0
+        print(f"curves saved to {plot_curves(list(rows), args.plot)}")
+    return 0 if len(rows) == len(runs) else 1
 
 
 def _command_compare(args: argparse.Namespace) -> int:
@@ -275,13 +296,13 @@ def _flower_local_parser(sub: argparse._SubParsersAction) -> None:
                         help="run without TLS (default: TLS with a throwaway CA made by openssl, since any local "
                              "user can reach an unauthenticated SuperLink on loopback)")
     flower.add_argument("--flwr-home", type=Path, help="FLWR_HOME and process logs (default: a temporary directory)")
-    flower.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped (default 3600)")
+    flower.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds before the run is stopped (default 3600)")
     flower.add_argument("--round-timeout", type=float, default=600.0,
-                        help="seconds a round waits for replies; late or dead nodes are counted as failed (default 600)")
+                        help="seconds a round waits for replies; late or dead nodes are counted as failed (default 600; 0: no limit)")
     groups[CORE].add_argument("--rounds", type=int, help="communication rounds (same as --c_rounds)")
     groups[CORE].add_argument("--config", type=Path, help="TOML file, or JSON file (*.json, the published entry "
                                                           "point's format) of flag values (flags given here override it)")
-    groups[OUTPUT].add_argument("--out", type=Path, required=True, help="output directory")
+    groups[OUTPUT].add_argument("--out", type=_folder, required=True, help="output directory")
     groups[OUTPUT].add_argument("--overwrite", action=argparse.BooleanOptionalAction,
                                 help="replace the results already in --out")
     groups[OUTPUT].add_argument("--quiet", action=argparse.BooleanOptionalAction, help="warnings only")
@@ -294,7 +315,8 @@ def _command_flower_local(args: argparse.Namespace) -> int:
     from lptfl.flower.config import FlowerOptions
     from lptfl.flower.local import FlowerRunError, local_security, run_local
     from lptfl.experiment.setup import check_device
-    from lptfl.experiment.checkpoint import CONFIG, write_config
+    from lptfl.experiment.checkpoint import write_config
+    from lptfl.experiment.run_dir import RunDirectory
     from lptfl.sim.runner import prepare_output
     from lptfl.sim.stop_signals import stop_signals_to
 
@@ -302,6 +324,7 @@ def _command_flower_local(args: argparse.Namespace) -> int:
     if getattr(args, "rounds", None) is not None:
         config = replace(config, c_rounds=args.rounds)
     config.validate()
+    config.warn_unused()
     check_device(config.device)
     started = time.perf_counter()
     prepare_output(args.out, overwrite=getattr(args, "overwrite", False))
@@ -314,11 +337,11 @@ def _command_flower_local(args: argparse.Namespace) -> int:
             summary = run_local(config, args.out, supernodes=args.supernodes, home=getattr(args, "flwr_home", None),
                                 tls=tls, timeout=args.timeout, options=FlowerOptions(round_timeout=args.round_timeout))
         except FlowerRunError as err:
-            _forget_unstarted(args.out / CONFIG)
+            RunDirectory(args.out).abandon()
             print(f"lptfl: flower run failed: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            _forget_unstarted(args.out / CONFIG)
+            RunDirectory(args.out).abandon()
             print("lptfl: interrupted; the local federation was stopped", file=sys.stderr)
             return 130
     from lptfl.experiment.results import CURVES
@@ -336,11 +359,6 @@ def _stop_federation(signum: int, frame: object) -> None:
         sys.exit(143)
     raise KeyboardInterrupt
 
-
-def _forget_unstarted(config_path: Path) -> None:
-    """Remove a failed run's ``config.json`` when it recorded no round, so the next command can start."""
-    if not (config_path.parent / "metrics.jsonl").exists():
-        config_path.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DatasetError, OSError) as err:
         print(f"lptfl: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second stop signal, or Ctrl-C before a run handles signals
+        print("lptfl: stopped at once; a run's last checkpoint stays valid (continue with: lptfl run --resume "
+              "DIR)", file=sys.stderr)
+        return 130
     except Exception as err:  # a bug, not the user's mistake
         log_path = _save_traceback(argv)
         print(f"lptfl: internal error: {type(err).__name__}: {_one_line(err)} (traceback in {log_path}; "

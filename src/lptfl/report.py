@@ -5,18 +5,47 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
+import os
+import reprlib
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lptfl.experiment.config import SAVED_DEFAULTS, scored_activations
-from lptfl.experiment.results import ACTIVATIONS, LAST_ROUNDS, final_accuracy, read_metrics
+from lptfl.experiment.results import ACTIVATIONS, LAST_ROUNDS, CURVES, SUMMARY, final_accuracy, read_metrics
+from lptfl.experiment.run_dir import CONFIG
+
+log = logging.getLogger(__name__)
 
 
 def run_label(run_dir: Path) -> str:
-    """A short label for a run: its folder name."""
-    return Path(run_dir).name
+    """A short label for a run: its folder name (of the absolute path: ``.`` is the working folder's)."""
+    return Path(os.path.abspath(run_dir)).name
+
+
+def _saved_settings(run_dir: Path) -> dict | None:
+    """A run's settings as saved in ``summary.json`` (a finished run), else in ``config.json`` (a run going
+    on or interrupted); None when neither file exists.
+
+    Raises:
+        ValueError: the file is not JSON or holds no object of settings (naming the file).
+    """
+    for path, key in ((run_dir / SUMMARY, "config"), (run_dir / CONFIG, None)):
+        if not path.exists():
+            continue
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not JSON ({err.msg} at line {err.lineno}), expected lptfl's {path.name}") \
+                from None
+        settings = saved.get(key) if key and isinstance(saved, dict) else saved
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path} holds {reprlib.repr(saved)}, expected a JSON object"
+                             f"{' with a config object' if key else ''}")
+        return settings
+    return None
 
 
 def describe(run_dir: Path) -> dict:
@@ -26,17 +55,14 @@ def describe(run_dir: Path) -> dict:
     :func:`lptfl.experiment.results.round_accuracy`), and its test accuracy (%) by round under ``curve``
     (round 1 first; NaN for a round not evaluated)."""
     run_dir = Path(run_dir)
-    rounds = read_metrics(run_dir)
-    summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
-    if summary_path.exists():
-        config = json.loads(summary_path.read_text())["config"]
-    else:  # a run still going or interrupted: its saved settings
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    config = {**SAVED_DEFAULTS, **config}
+    rounds, saved = read_metrics(run_dir), _saved_settings(run_dir)
+    config = {**SAVED_DEFAULTS, **(saved or {})}
     curve = [math.nan if r.get("test_accuracy") is None else 100 * r["test_accuracy"] for r in rounds]
     mean, std = final_accuracy(rounds, config)
-    named = {f"mean_{name}": _percent(final_accuracy(rounds, config, name)[0]) for name in ACTIVATIONS}
+    named = {f"mean_{name}": None if (m := final_accuracy(rounds, config, name)[0]) is None else 100 * m
+             for name in ACTIVATIONS}
     bits = config.get("quantization_bits", 32) if config.get("use_quantization") else 32
+    unknown = dict.fromkeys(("precision", "averaging", "scored_with"), "?") if saved is None else {}  # no defaults
     return {
         "run": run_label(run_dir),
         "dataset": config.get("dataset", "?"),
@@ -47,15 +73,11 @@ def describe(run_dir: Path) -> dict:
         "mean": math.nan if mean is None else 100 * mean,
         "std": 100 * std,
         "scored_with": scored_activations(config["eval_precision"], config.get("moving_average", False)),
+        **unknown,
         **named,
         "bytes_up_per_round": (sum(r["bytes_up"] for r in rounds) / len(rounds)) if rounds else 0,
         "curve": curve,
     }
-
-
-def _percent(fraction: float | None) -> float | None:
-    """A fraction in [0, 1] in % (None stays None)."""
-    return None if fraction is None else 100 * fraction
 
 
 def table(run_dirs: Sequence[Path]) -> str:
@@ -70,8 +92,26 @@ _CSV_COLUMNS = ("run", "dataset", "alpha", "averaging", "precision", "rounds", "
                 *(f"mean_{name}" for name in ACTIVATIONS), "bytes_up_per_round")
 
 
-def report(run_dirs: Sequence[Path], fmt: str = "markdown") -> str:
-    """The runs' rows (:func:`describe`) as a Markdown table, CSV (accuracies in %, one row per run)
+def readable_rows(run_dirs: Sequence[Path]) -> dict[Path, dict]:
+    """Each run's :func:`describe` row, by run; of several runs, one whose files are damaged is left out
+    with a warning naming the file and the problem.
+
+    Raises:
+        ValueError: the only run's files are damaged.
+    """
+    rows = {}
+    for run_dir in run_dirs:
+        try:
+            rows[run_dir] = describe(run_dir)
+        except (ValueError, OSError) as err:
+            if len(run_dirs) == 1:
+                raise
+            log.warning("skipping %s: %s", run_dir, err)
+    return rows
+
+
+def report(rows: Sequence[dict], fmt: str = "markdown") -> str:
+    """Runs' :func:`describe` rows as a Markdown table, CSV (accuracies in %, one row per run)
     or JSON (a list of the rows, each with its accuracy curve; NaN as null).
 
     Raises:
@@ -79,7 +119,6 @@ def report(run_dirs: Sequence[Path], fmt: str = "markdown") -> str:
     """
     if fmt not in REPORT_FORMATS:
         raise ValueError(f"report format {fmt!r}: expected one of {', '.join(REPORT_FORMATS)}")
-    rows = [describe(d) for d in run_dirs]
     if fmt == "csv":
         return rows_csv(rows)
     if fmt == "json":
@@ -117,9 +156,10 @@ def rows_table(rows: Sequence[dict]) -> str:
     ]
     for r in rows:
         named = " | ".join("-" if r.get(f"mean_{name}") is None else f"{r[f'mean_{name}']:.1f}" for name in ACTIVATIONS)
+        accuracy = "-" if math.isnan(r["mean"]) else f"{r['mean']:.1f} +- {r['std']:.1f}"  # -: no round evaluated
         lines.append(
             f"| {r['run']} | {r['dataset']} | {r['alpha']} | {r['averaging']} | {r['precision']} | {r['rounds']} "
-            f"| {r['mean']:.1f} +- {r['std']:.1f} | {r['scored_with'].replace('_', ' ')}. | {named} "
+            f"| {accuracy} | {r['scored_with'].replace('_act', ' act.')} | {named} "
             f"| {r['bytes_up_per_round'] / 1e6:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -225,10 +265,7 @@ def seed_of(name: str) -> tuple[str, int]:
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value) of ``values``."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def seed_rows(rows: Mapping[str, dict]) -> dict[str, dict]:
@@ -283,9 +320,17 @@ def _no_negative_zero(value: float, digits: int) -> float:
     return round(value, digits) + 0.0
 
 
-def plot_curves(run_dirs: Sequence[Path], path: Path) -> None:
+def plot_curves(run_dirs: Sequence[Path], path: Path) -> Path:
     """Test accuracy and test loss by evaluated round (``test_accuracy``, ``test_loss``), every run on
-    the same two panels, saved as PNG; round ticks are integers, and a short curve marks its rounds."""
+    the same two panels; round ticks are integers, and a short curve marks its rounds. Saved in the format
+    ``path``'s suffix names, else as PNG with ``.png`` added; returns the path written.
+
+    Raises:
+        ValueError: ``path`` is a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, expected a file name for the curves such as {path / CURVES}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,7 +348,7 @@ def plot_curves(run_dirs: Sequence[Path], path: Path) -> None:
         last_round = max(last_round, x[-1])
         style = {"label": run_label(run_dir), "marker": "o" if len(x) <= MARKED_ROUNDS else None, "markersize": 4}
         acc_ax.plot(x, [100 * r["test_accuracy"] for r in rounds], **style)
-        loss_ax.plot(x, [r["test_loss"] for r in rounds], **style)
+        loss_ax.plot(x, [r.get("test_loss") for r in rounds], **style)
     acc_ax.set(xlabel="round", ylabel="test accuracy (%)", title="Test accuracy")
     loss_ax.set(xlabel="round", ylabel="test loss (nats)", title="Test loss")
     for ax in (acc_ax, loss_ax):
@@ -314,5 +359,8 @@ def plot_curves(run_dirs: Sequence[Path], path: Path) -> None:
     if acc_ax.lines:  # none while no round is evaluated yet
         acc_ax.legend(fontsize=8)
     fig.tight_layout()
+    if path.suffix[1:].lower() not in fig.canvas.get_supported_filetypes():
+        path = path.with_name(f"{path.name}.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lptfl.data import cifar
 from lptfl.data.cinic import CLASSES as CINIC_CLASSES
 
 Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -57,10 +58,12 @@ def python2_style_pickle(obj: object) -> bytes:
 
 
 class OfficialFiles:
-    """Writes tiny datasets in the official on-disk formats; returns the arrays written."""
+    """Writes tiny datasets in the official on-disk formats; returns the arrays written. A CIFAR
+    writer sets the loader's expected records per file to its own ``per_file``."""
 
-    def __init__(self) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.rng = np.random.default_rng(1234)
+        self.monkeypatch = monkeypatch
 
     def _images(self, n: int, shape: tuple[int, ...]) -> np.ndarray:
         return self.rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
@@ -87,6 +90,7 @@ class OfficialFiles:
         """Write every file of a CIFAR release; ``encode(images, labels)`` gives one file's bytes."""
         folder, train, test = CIFAR_LAYOUT[(num_classes, release)]
         (root / folder).mkdir(parents=True, exist_ok=True)
+        self.monkeypatch.setitem(cifar.RECORDS_PER_FILE, num_classes, (per_file, per_file))
         out = []
         for names in (train, test):
             xs, ys = [], []
@@ -143,7 +147,7 @@ def official(monkeypatch: pytest.MonkeyPatch) -> OfficialFiles:
     from lptfl.data import download
 
     monkeypatch.setattr(download, "SOURCES", {})
-    return OfficialFiles()
+    return OfficialFiles(monkeypatch)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

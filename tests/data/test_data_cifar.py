@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -56,6 +57,30 @@ def test_truncated_binary_batch(tmp_path: Path, official) -> None:
     path.write_bytes(path.read_bytes()[:-7])
     with pytest.raises(DatasetError, match=r"data_batch_3\.bin: 9212 bytes is not a positive multiple of the 3073"):
         load_dataset("cifar10", tmp_path)
+
+
+def test_batch_of_the_wrong_record_count(tmp_path: Path, official) -> None:
+    official.cifar_binary(tmp_path, 10)
+    path = tmp_path / "cifar-10-batches-bin" / "data_batch_3.bin"
+    path.write_bytes(path.read_bytes()[:2 * 3073])  # cut at a record boundary
+    with pytest.raises(DatasetError, match=r"data_batch_3\.bin: 2 records, expected the release's 3; .* truncated"):
+        load_dataset("cifar10", tmp_path)
+    official.cifar_python(tmp_path, 100)
+    (tmp_path / "cifar-100-python" / "test").write_bytes(pickle.dumps({"data": np.zeros((4, 3072), np.uint8),
+                                                                     "fine_labels": [0] * 4}))
+    with pytest.raises(DatasetError, match=r"cifar-100-python/test: 4 records, expected the release's 3"):
+        load_dataset("cifar100", tmp_path)
+
+
+def test_incomplete_binary_release_falls_back_with_a_warning(tmp_path: Path, official, caplog) -> None:
+    python = official.cifar_python(tmp_path, 10)
+    official.cifar_binary(tmp_path, 10)
+    (tmp_path / "cifar-10-batches-bin" / "data_batch_2.bin").unlink()
+    with caplog.at_level(logging.WARNING, logger="lptfl.data"):
+        check(load_dataset("cifar10", tmp_path), python, 10)
+    [record] = caplog.records
+    assert record.getMessage() == (f"{tmp_path / 'cifar-10-batches-bin'} lacks data_batch_2.bin; loading the python "
+                                   f"release {tmp_path / 'cifar-10-batches-py'} instead")
 
 
 def test_binary_label_out_of_range(tmp_path: Path, official) -> None:

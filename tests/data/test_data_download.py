@@ -84,17 +84,58 @@ def test_checksum_mismatch_leaves_nothing(tmp_path: Path, http_root, monkeypatch
     data_dir = tmp_path / "data"
     with pytest.raises(DatasetError, match=r"checksum mismatch .*train-images-idx3-ubyte\.gz.*expected 0{32}"):
         load_dataset("fmnist", data_dir, download=True, mirror=url)
-    raw = data_dir / "FashionMNIST" / "raw"
-    assert list(raw.iterdir()) == []
+    assert not data_dir.exists()  # the folders the download created are gone with it
 
 
-def test_http_error_names_the_url(tmp_path: Path, http_root, monkeypatch) -> None:
+def test_http_error_names_the_url_and_keeps_only_folders_that_existed(tmp_path: Path, http_root, monkeypatch) -> None:
     _, url = http_root
     monkeypatch.setitem(download_module.SOURCES, "mnist", Source(UNREACHABLE, (
         Resource("nothing-here.gz", "0" * 32, "MNIST/raw"),)))
+    (tmp_path / "data" / "MNIST").mkdir(parents=True)
     with pytest.raises(DatasetError, match=rf"could not download {url}/mnist/nothing-here\.gz: HTTP Error 404"):
-        download_dataset("mnist", tmp_path, mirror=url)
-    assert list((tmp_path / "MNIST" / "raw").iterdir()) == []
+        download_dataset("mnist", tmp_path / "data", mirror=url)
+    assert list((tmp_path / "data").rglob("*")) == [tmp_path / "data" / "MNIST"]
+
+
+def test_file_url_mirror(tmp_path: Path, official, monkeypatch) -> None:
+    mirror = tmp_path / "mirror"
+    splits = official.mnist(mirror / "mnist")
+    register(monkeypatch, "mnist", sorted((mirror / "mnist").iterdir()), subdir="MNIST/raw")
+    monkeypatch.setenv(MIRROR_ENV, mirror.as_uri())
+    ds = load_dataset("mnist", tmp_path / "data", download=True)
+    assert ds.test_y.tolist() == splits[3].tolist()
+
+
+@pytest.mark.parametrize("is_folder", [False, True])
+def test_mirror_that_is_not_a_url_is_refused_naming_the_variable(tmp_path: Path, monkeypatch, is_folder) -> None:
+    monkeypatch.chdir(tmp_path)
+    if is_folder:
+        (tmp_path / "mirror-dir").mkdir()
+    monkeypatch.setenv(MIRROR_ENV, "mirror-dir")
+    hint = rf" \({(tmp_path / 'mirror-dir').as_uri()} for that folder\)" if is_folder else ""
+    with pytest.raises(ValueError, match=rf"^{MIRROR_ENV}='mirror-dir' is not a URL; expected http://, https:// "
+                                         rf"or file:// and the address of a folder serving .*<file>{hint}$"):
+        load_dataset("mnist", tmp_path / "data", download=True)
+    assert not (tmp_path / "data").exists()
+
+
+def test_download_fetches_a_file_failing_its_md5_again(tmp_path: Path, http_root, official, monkeypatch) -> None:
+    www, url = http_root
+    splits = official.mnist(www / "mnist")
+    register(monkeypatch, "mnist", sorted((www / "mnist").iterdir()), subdir="MNIST/raw")
+    damaged = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
+    served = www / "mnist" / damaged.name
+    good = served.read_bytes()
+    official.mnist(damaged.parent)  # other content: every file fails its md5
+    before = damaged.read_bytes()
+    served.write_bytes(b"bad mirror")
+    with pytest.raises(DatasetError, match=r"checksum mismatch"):
+        load_dataset("mnist", tmp_path, download=True, mirror=url)
+    assert damaged.read_bytes() == before  # kept until a copy verifies
+    served.write_bytes(good)
+    ds = load_dataset("mnist", tmp_path, download=True, mirror=url)
+    assert ds.train_y.tolist() == splits[1].tolist() and damaged.read_bytes() == good
+    assert leftovers(tmp_path) == []
 
 
 def test_file_with_right_md5_is_not_fetched_again(tmp_path: Path, monkeypatch) -> None:

@@ -118,3 +118,10 @@ def test_missing_file_message_names_file_directory_and_fix(tmp_path: Path, offic
 def test_missing_everything_when_folder_absent(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="FashionMNIST"):
         load_dataset("fmnist", tmp_path)
+
+
+def test_a_data_path_under_the_home_folder_is_expanded(tmp_path: Path, official, monkeypatch) -> None:
+    """``~`` in a config file's data_path (no shell expands it there) means the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _, train_y, _, _ = official.mnist(tmp_path / "data" / "MNIST" / "raw", gz=True)
+    assert load_dataset("mnist", "~/data").train_y.tolist() == train_y.tolist()

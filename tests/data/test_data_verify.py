@@ -3,13 +3,16 @@ file version, a mismatch an error naming the file, unless --no_verify."""
 
 from __future__ import annotations
 
+import gzip
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
 from lptfl.cli import main
-from lptfl.data import DatasetError, download, load_dataset
+from lptfl.data import download, load_dataset
+from lptfl.data.errors import ChecksumError
 from lptfl.data.download import Resource, Source, file_md5
 from lptfl.experiment.config import RunConfig
 
@@ -39,7 +42,8 @@ def test_a_file_with_another_md5_is_refused_naming_it(tiny_mnist: Path) -> None:
     assert load_dataset("mnist", tiny_mnist).train_x.shape[0] == 40
     path = tiny_mnist / "MNIST" / "raw" / NAMES[2]
     expect_md5(NAMES[2], "0" * 32)
-    with pytest.raises(DatasetError, match=rf"^{path}: md5 [0-9a-f]{{32}}, expected the published 0{{32}}; .*--no_verify"):
+    message = rf"^{path}: md5 [0-9a-f]{{32}}, expected the published 0{{32}}; .*--no_verify"
+    with pytest.raises(ChecksumError, match=message):
         load_dataset("mnist", tiny_mnist)
     assert load_dataset("mnist", tiny_mnist, verify=False).test_x.shape[0] == 10
 
@@ -67,6 +71,27 @@ def test_the_command_line_refuses_a_mismatch_in_one_line_unless_no_verify(tiny_m
     assert err.startswith(f"lptfl: error: {path}: md5 ") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
     assert main([*argv, "--no_verify"]) == 0
+
+
+def test_the_checked_gz_is_loaded_when_the_uncompressed_file_is_beside_it(tiny_mnist: Path) -> None:
+    raw = tiny_mnist / "MNIST" / "raw"
+    expected = load_dataset("mnist", tiny_mnist).train_y.tolist()
+    labels = gzip.decompress((raw / NAMES[1]).read_bytes())
+    (raw / NAMES[1].removesuffix(".gz")).write_bytes(labels[:8] + bytes(len(labels) - 8))  # all labels 0
+    assert load_dataset("mnist", tiny_mnist).train_y.tolist() == expected
+
+
+def test_uncompressed_files_without_their_gz_are_reported_unchecked_once(tiny_mnist: Path, caplog) -> None:
+    raw = tiny_mnist / "MNIST" / "raw"
+    for name in NAMES:
+        (raw / name.removesuffix(".gz")).write_bytes(gzip.decompress((raw / name).read_bytes()))
+        (raw / name).unlink()
+    with caplog.at_level(logging.WARNING, logger="lptfl.data"):
+        load_dataset("mnist", tiny_mnist)
+        load_dataset("mnist", tiny_mnist)
+    [record] = caplog.records
+    assert record.getMessage().startswith(", ".join(str(raw / n.removesuffix(".gz")) for n in NAMES) +
+                                          ": no published md5 (only the .gz files have one); loaded unchecked")
 
 
 def test_no_verify_is_outside_the_fingerprint() -> None:

@@ -226,6 +226,10 @@ def test_resume_warns_when_the_numerics_change(tmp_path, caplog):
         run_experiment(ckpt.resume_config(run_dir, {}), run_dir, progress=False, resume=True)
     assert "other numerics than the checkpointed rounds (threads 1 -> 2)" in caplog.text
     assert ckpt.load_checkpoint(run_dir).numerics["threads"] == 2
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lptfl.sim.runner"):
+        run_experiment(ckpt.resume_config(run_dir, {}), run_dir, progress=False, resume=True)
+    assert "has its 3 rounds already; nothing to run" in caplog.text
     assert results.numerics_changes({"threads": 1}, {"threads": 1, "torch": "2.13.0"}) == []  # older records
 
 
@@ -324,3 +328,66 @@ def test_stop_after_pauses_with_a_checkpoint_and_resume_continues_exactly(interr
     assert rounds_without_timings(paused) == rounds_without_timings(dirs["reference"])
     with pytest.raises(ValueError, match="stop_after"):
         run_experiment(RunConfig(compile="off"), tmp_path / "bad", progress=False, stop_after=0)
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_writes_round_1(tmp_path, monkeypatch):
+    """--overwrite sets the old run aside; a new run that fails or is stopped before round 1 puts it
+    back untouched, and one that writes round 1 removes it."""
+    run_dir = tmp_path / "run"
+    options = dict(compile="off", model_width=4, num_clients=3, frac=1.0, c_rounds=1)
+    run_experiment(RunConfig(**options), run_dir, progress=False)
+    old = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    real_simulation = runner.Simulation
+
+    def failing_simulation(config, out_dir):
+        raise RuntimeError("simulated set-up failure")
+
+    def signalled_simulation(config, out_dir):
+        signal.raise_signal(signal.SIGTERM)
+        return real_simulation(config, out_dir)
+
+    monkeypatch.setattr(runner, "Simulation", failing_simulation)
+    with pytest.raises(RuntimeError, match="set-up failure"):
+        run_experiment(RunConfig(**options, seed=1), run_dir, progress=False, overwrite=True)
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == old
+    monkeypatch.setattr(runner, "Simulation", signalled_simulation)
+    with pytest.raises(runner.RunInterrupted, match="SIGTERM before round 1 .nothing to keep"):
+        run_experiment(RunConfig(**options, seed=1), run_dir, progress=False, overwrite=True)
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == old
+    monkeypatch.setattr(runner, "Simulation", real_simulation)
+    run_experiment(RunConfig(**options, seed=1), run_dir, progress=False, overwrite=True)
+    assert ckpt.read_config(run_dir).seed == 1 and not (run_dir / ".replaced").exists()
+    assert (run_dir / "metrics.jsonl").read_bytes() != old["metrics.jsonl"]
+
+
+def test_a_replacement_killed_before_round_1_leaves_the_old_run_to_put_back(tmp_path):
+    """A replacement killed before round 1 (SIGKILL: nothing ran its clean-up) leaves the old run in
+    .replaced/; the next replacement keeps it there, and abandoning that one puts it back."""
+    run_dir = RunDirectory(tmp_path)
+    ckpt.write_config(tmp_path, RunConfig(seed=5))
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n')
+    run_dir.prepare(overwrite=True)
+    ckpt.write_config(tmp_path, RunConfig(seed=6))  # the killed replacement's config
+    run_dir.prepare(overwrite=True)
+    assert not (tmp_path / ckpt.CONFIG).exists() and (tmp_path / ".replaced" / "metrics.jsonl").exists()
+    ckpt.write_config(tmp_path, RunConfig(seed=7))
+    run_dir.abandon()
+    assert ckpt.read_config(tmp_path).seed == 5 and (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'
+    assert not (tmp_path / ".replaced").exists()
+
+
+def test_resume_refuses_a_run_without_checkpoints_and_fewer_rounds_than_done(tmp_path, capsys):
+    """--checkpoint_every 0 writes no checkpoint, so a resume would restart from round 0 and cut the
+    rounds done; --c_rounds below the rounds done would leave a config that contradicts the metrics."""
+    run_dir = tmp_path / "run"
+    options = dict(compile="off", model_width=4, num_clients=3, frac=1.0, c_rounds=2)
+    run_experiment(RunConfig(**options, checkpoint_every=0), run_dir, progress=False)
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    assert main(["run", "--resume", str(run_dir), "--c_rounds", "3", "--quiet"]) == 2
+    assert "--checkpoint_every 0, which writes none" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics
+    other = tmp_path / "other"
+    run_experiment(RunConfig(**options), other, progress=False)
+    assert main(["run", "--resume", str(other), "--c_rounds", "1", "--quiet"]) == 2
+    assert "--c_rounds 1 is below the 2 rounds" in capsys.readouterr().err
+    assert ckpt.read_config(other).c_rounds == 2

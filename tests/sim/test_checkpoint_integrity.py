@@ -11,6 +11,7 @@ from test_cli_input import TINY, folder_hashes, rewrite_checkpoint_metadata, run
 
 from lptfl.cli import main
 from lptfl.experiment import checkpoint as ckpt
+from lptfl.experiment.run_dir import REPAIR
 
 
 @pytest.fixture
@@ -127,15 +128,28 @@ def test_the_advice_for_a_torn_metrics_line_works_when_followed(paused_disk_run,
 
 
 def test_a_damaged_line_the_checkpoint_counts_gets_advice_that_does_not_loop(paused_disk_run, capsys):
-    """Damage inside the checkpointed rounds: resuming cannot repair it, so the resume refuses (changing
-    nothing) with other advice rather than sending the user back and forth."""
+    """Damage inside the checkpointed rounds (a torn line 1 followed by others): resuming cannot repair it,
+    so report does not advise it, and the resume refuses (changing nothing) with the same advice."""
     path = paused_disk_run / "metrics.jsonl"
     lines = path.read_bytes().split(b"\n")
     path.write_bytes(b"\n".join([lines[0][:10], *lines[1:]]))
     code, err = run_cli(capsys, "report", str(paused_disk_run))
-    assert code == 2
-    command = advised_command(err)
+    assert code == 2 and "line 1 is not JSON" in err and "--resume" not in err
+    assert err.rstrip().endswith("restore the file from a copy, or start the run again with --overwrite")
     before = folder_hashes(paused_disk_run)
-    code, err = run_cli(capsys, *command)
+    code, err = run_cli(capsys, "run", "--resume", str(paused_disk_run))
     assert code == 2 and "line 1 is damaged and the checkpoint counts it" in err and "--resume" not in err
     assert folder_hashes(paused_disk_run) == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:5], "is truncated (its header is cut short)"),
+    (lambda data: (10**9).to_bytes(8, "little") + data[8:], "is truncated (its header is cut short)"),
+    (lambda data: len(b"[] ").to_bytes(8, "little") + b"[] " + data[8:], "is not an lptfl checkpoint"),
+    (lambda data: len(b"{}").to_bytes(8, "little") + b"{}", "is not an lptfl checkpoint"),
+])
+def test_a_damaged_checkpoint_header_is_named_with_what_to_do(paused_disk_run, capsys, damage, message):
+    path = paused_disk_run / ckpt.CHECKPOINT
+    path.write_bytes(damage(path.read_bytes()))
+    err = refused(capsys, paused_disk_run)
+    assert err.startswith(f"lptfl: error: {path} {message}") and err.endswith(REPAIR)

@@ -93,6 +93,7 @@ def rewrite_checkpoint_metadata(run_dir: Path, change, *, reseal: bool = True) -
     ('partition = "random"', 'partition: expected one of "dirichlet", "dirichlet-plain", "iid", got "random"'),
     ("lr = nan", "lr: expected a finite number, got NaN"),
     ("c_round = 3", "c_round: unknown setting; did you mean c_rounds?"),
+    ("[a]\nseed = 3\n[b]\nseed = 4", "seed: expected one value (it is given twice: 3 and 4), got 4"),
 ])
 def test_a_wrong_toml_value_is_refused_naming_file_and_key(tmp_path, capsys, line, message):
     toml = tmp_path / "run.toml"
@@ -156,6 +157,11 @@ def test_user_mistakes_end_in_one_line(tmp_path, capsys):
         (["run", "--quantizaton_bits", "4"], "did you mean --quantization_bits?"),
         (["run", "--device", "gpu"], 'device: expected cpu, cuda or cuda:N, got "gpu"'),
         (["run", "--resume", str(tmp_path / "none")], "config.json"),
+        (["run", *TINY, "--out", ""], "expected a folder path, got an empty string"),
+        (["run", *TINY, "--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
+        (["run", *TINY, "--num_clients", "3", "--frac", "1.0", "--min_clients", "5"],
+         "--min_clients: expected at most the 3 clients sampled a round"),
+        (["flower-local", "--out", str(tmp_path / "f"), "--timeout", "-5"], "expected a number of seconds > 0"),
     ]
     if not torch.cuda.is_available():
         cases.append((["run", *TINY, "--device", "cuda", "--out", str(tmp_path / "o")], "use --device cpu"))
@@ -172,6 +178,16 @@ def test_checkpoint_metadata_without_a_key_is_one_line(paused_run, capsys):
     assert code == 2
     assert err == (f"lptfl: error: {paused_run / ckpt.CHECKPOINT}: its metadata is damaged (no 'round' entry); "
                    "restore the file from a copy, or start the run again with --overwrite")
+
+
+def test_a_second_stop_signal_ends_in_one_line(tmp_path, capsys, monkeypatch):
+    def stopped_at_once(config, out_dir):
+        raise KeyboardInterrupt  # what the run's handler raises on a second SIGINT/SIGTERM
+
+    monkeypatch.setattr(runner, "Simulation", stopped_at_once)
+    code, err = run_cli(capsys, "run", *TINY, "--c_rounds", "1", "--out", str(tmp_path / "o"))
+    assert code == 130 and err.startswith("lptfl: stopped at once") and "\n" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_an_internal_error_prints_one_line_and_logs_the_traceback(tmp_path, capsys, monkeypatch):
@@ -340,3 +356,9 @@ def test_the_published_sgd_is_plain_sgd():
     params = list(nn.Linear(2, 2).parameters())
     assert make_optimizer("sgd", params, 0.1).param_groups[0]["momentum"] == 0
     assert make_optimizer("sgd-momentum", params, 0.1).param_groups[0]["momentum"] == 0.9
+
+
+def test_too_many_clients_for_what_abavg_leaves_names_the_validation_fraction(tmp_path, capsys):
+    code, err = run_cli(capsys, "run", *TINY, "--aggregation_mode", "abavg", "--abavg_val_fraction", "0.999",
+                        "--num_clients", "3", "--out", str(tmp_path / "o"))
+    assert code == 2 and "training samples that --abavg_val_fraction 0.999 leaves of digits" in err

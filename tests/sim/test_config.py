@@ -72,3 +72,20 @@ def test_reliability_doc_lists_every_setting_a_resume_may_change():
     listed = text.split("may change only settings outside the config fingerprint (", 1)[1].split(":", 1)[0]
     assert sorted(name.strip("`- ") for name in listed.split(",")) == sorted(RunConfig.resumable())
 
+
+
+def test_settings_the_others_leave_unused_are_named():
+    assert RunConfig().unused_settings() == []
+    assert RunConfig(use_quantization=True, quantization_bits=6, moving_average=True, ma_start=3).unused_settings() == []
+    assert RunConfig(quantization_bits=4, server_lr=5.0, ma_start=100).unused_settings() == [
+        "--quantization_bits (the run is fp32 without --use_quantization)",
+        "--ma_start (used only with --moving_average)",
+        "--server_lr (used only with a --server_optimizer)"]
+    assert RunConfig(use_quantization=True, weight_quantization_bits=4, model_name="MLP",
+                     model_norm="batchnorm").unused_settings() == [
+        "--weight_quantization_bits (used only with --use_mixed_precision)",
+        "--model_norm (only the ConvNet takes a norm)"]
+    assert RunConfig(moving_average=True, ma_start=13).unused_settings() == [
+        "--ma_start (the average starts after the last round, 12)"]
+    assert RunConfig(model_name="resnet8", model_width=16).unused_settings() == [
+        "--model_width (resnet8 has its own widths)"]

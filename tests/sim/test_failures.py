@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,3 +192,32 @@ def test_robust_run_end_to_end():
     metrics = sim.run_round()
     assert metrics.accepted == 4 and metrics.rejected == 0 and not metrics.skipped
     assert all(torch.isfinite(v).all() for v in sim.server.global_state.values() if v.is_floating_point())
+
+
+def test_a_client_whose_training_diverges_is_rejected_and_keeps_its_state(monkeypatch):
+    """A client whose update holds NaN cannot send it (the wire carries finite values): the server
+    counts it as rejected, naming the client, the round and the entry; the others are aggregated and
+    the diverged client's optimizer state stays as it was before the round."""
+    from lptfl.sim import client_side
+
+    config = RunConfig(compile="off", model_width=4, num_clients=3, frac=1.0, c_rounds=2)
+    sim = Simulation(config)
+    sim.run_round()
+    kept = {name: array.copy() for name, array in sim.store.arrays(1).items()}
+    real_updates = client_side.ClientSide._updates
+
+    def one_diverging(self, clients, *args):
+        for client, result in real_updates(self, clients, *args):
+            if client == 1:
+                result.state = {**result.state, "classifier.bias": torch.full_like(result.state["classifier.bias"],
+                                                                                  float("nan"))}
+            yield client, result
+
+    monkeypatch.setattr(client_side.ClientSide, "_updates", one_diverging)
+    second = sim.run_round()
+    assert second.accepted == 2 and second.rejected == 1 and not second.skipped
+    assert "client 1: its training diverged in round 2 ('classifier.bias'" in second.rejected_reasons[0]
+    assert all(bool(torch.isfinite(v).all()) for v in sim.server.global_state.values() if v.is_floating_point())
+    after = sim.store.arrays(1)
+    assert after.keys() == kept.keys() and all(np.array_equal(after[name], kept[name]) for name in kept)
+    assert client_side.nonfinite_entry({"a": torch.ones(2), "n": torch.tensor(3)}) is None

@@ -65,3 +65,19 @@ def test_a_missing_tracker_package_is_a_one_line_error(tmp_path: Path, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["lptfl: error: --log wandb needs the wandb package: pip install 'lptfl[wandb]'"]
     assert not out.exists()
+
+
+def test_wandb_that_cannot_start_is_a_one_line_error_and_leaves_no_run(tmp_path: Path, monkeypatch, capsys):
+    """No API key (wandb's UsageError) is the user's set-up, not a bug: one line saying what to do."""
+    import wandb
+
+    def no_login(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    out = tmp_path / "run"
+    code = main(["run", "--c_rounds", "1", "--log", "wandb", "--out", str(out), "--quiet", "--num_clients", "4",
+                 "--model_width", "8", "--compile", "off"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("lptfl: error: --log wandb cannot start: No API key")
+    assert "WANDB_MODE=offline" in err[0] and not out.exists()

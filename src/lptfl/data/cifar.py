@@ -9,6 +9,7 @@ Pixels are stored as three 32x32 planes (R, G, B), row-major, so a record reshap
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,11 @@ import numpy as np
 from .errors import DatasetError, MissingFilesError
 from .safe_pickle import load_restricted
 
+logger = logging.getLogger(__name__)
+
 PIXELS = 3 * 32 * 32
+# Records in each (train file, test file) of the official releases, binary and python alike.
+RECORDS_PER_FILE = {10: (10_000, 10_000), 100: (50_000, 10_000)}
 _CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
@@ -108,21 +113,29 @@ def _missing(root: Path, release: _Release) -> list[str]:
 def load_cifar(root: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Load CIFAR-10 (``num_classes=10``) or CIFAR-100 (``num_classes=100``) from ``root``.
 
-    Uses the binary release when complete, else the python release. Returns
-    ``(train_x, train_y, test_x, test_y)``: images uint8 (N, 3, 32, 32), labels int64 (N,).
-    Raises MissingFilesError (naming the binary release) when neither release is complete.
+    Uses the binary release when complete, else the python release (with a warning if the binary
+    release's folder exists). Returns ``(train_x, train_y, test_x, test_y)``: images uint8
+    (N, 3, 32, 32), labels int64 (N,). Raises MissingFilesError (naming the binary release) when
+    neither release is complete, DatasetError for a file of the wrong record count (RECORDS_PER_FILE).
     """
     if num_classes not in RELEASES:
         raise ValueError(f"num_classes must be 10 (CIFAR-10) or 100 (CIFAR-100), got {num_classes}")
+    preferred = RELEASES[num_classes][0]
     complete = [r for r in RELEASES[num_classes] if not _missing(root, r)]
     if not complete:
-        preferred = RELEASES[num_classes][0]
         raise MissingFilesError(_missing(root, preferred)[0], root / preferred.folder)
     release = complete[0]
+    if release is not preferred and (root / preferred.folder).is_dir():
+        logger.warning("%s lacks %s; loading the python release %s instead", root / preferred.folder,
+                       ", ".join(_missing(root, preferred)), root / release.folder)
     folder = root / release.folder
     splits = []
-    for names in (release.train, release.test):
+    for names, expected in zip((release.train, release.test), RECORDS_PER_FILE[num_classes]):
         parts = [release.read(folder / name, num_classes) for name in names]
+        for name, (_, labels) in zip(names, parts):
+            if len(labels) != expected:
+                raise DatasetError(f"{folder / name}: {len(labels)} records, expected the release's {expected}; "
+                                   "the file is truncated or not an official batch: download the release again")
         splits.append(np.concatenate([p[0] for p in parts]))
         splits.append(np.concatenate([p[1] for p in parts]))
     train_x, train_y, test_x, test_y = splits

@@ -16,7 +16,7 @@ from .cifar import load_cifar
 from .cinic import load_cinic
 from .digits import load_digits_28
 from .download import download_dataset, verify_published
-from .errors import MissingFilesError
+from .errors import ChecksumError, MissingFilesError
 from .mnist import load_mnist_release
 
 logger = logging.getLogger(__name__)
@@ -125,19 +125,20 @@ def _unit_range(images: np.ndarray) -> np.ndarray:
 
 
 def _load_raw(key: str, root: Path, download: bool, mirror: str | None, verify: bool) -> RawSplits:
-    """Images in [0, 1] as float32 (N, C, H, W) and int64 labels, downloading on request, the files
-    with a published md5 checked first (``verify``)."""
+    """Images in [0, 1] as float32 (N, C, H, W) and int64 labels, the files with a published md5
+    checked first (``verify``); with ``download``, missing files or ones failing their md5 are fetched."""
     if key == "digits":
         return load_digits_28()
     loader = _FILE_LOADERS[key]
-    if verify:
-        verify_published(key, root)
     try:
+        if verify:
+            verify_published(key, root)
         train_x, train_y, test_x, test_y = loader(root)
-    except MissingFilesError as exc:
+    except (MissingFilesError, ChecksumError) as exc:
         if not download:
             raise
-        logger.info("%s: %s; downloading the official release into %s", key, exc.missing, root)
+        problem = f"{exc.path} fails its md5" if isinstance(exc, ChecksumError) else f"missing {exc.missing}"
+        logger.info("%s: %s; downloading the official release into %s", key, problem, root)
         download_dataset(key, root, mirror=mirror)
         train_x, train_y, test_x, test_y = loader(root)
     return _unit_range(train_x), train_y, _unit_range(test_x), test_y
@@ -158,13 +159,14 @@ def load_dataset(
     Layouts: ``MNIST/raw``, ``FashionMNIST/raw`` (IDX, raw or .gz), ``cifar-10-batches-bin`` or
     ``cifar-10-batches-py``, ``cifar-100-binary`` or ``cifar-100-python``, ``CINIC-10/{train,test}``.
     ``download``: fetch missing files from the official location (or ``mirror`` / env
-    ``LPTFL_DATA_MIRROR``) with md5 verification. ``verify``: check the files present that have a
-    published md5 (once per process per file version, :func:`verify_published`) before loading.
+    ``LPTFL_DATA_MIRROR``) with md5 verification, and fetch again those that fail their md5.
+    ``verify``: check the files present that have a published md5 (once per process per file
+    version, :func:`verify_published`) before loading.
     Raises ValueError for an unknown name, MissingFilesError (a DatasetError) for missing files,
     DatasetError for corrupt ones (an md5 mismatch included).
     """
     key = canonical_name(name)
-    root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    root = Path(data_dir).expanduser() if data_dir is not None else DEFAULT_DATA_DIR
     start = time.perf_counter()
     train_x, train_y, test_x, test_y = _load_raw(key, root, download, mirror, verify)
     mean, std = NORMALISATION[key]

@@ -2,12 +2,14 @@
 
 A file is streamed into a temporary file next to its destination while its md5 is computed, fsynced,
 and renamed into place only when the md5 matches; on any failure the temporary file is removed.
-Set a mirror with the ``mirror`` argument or the ``LPTFL_DATA_MIRROR`` environment variable: a mirror
-serves ``<mirror>/<dataset>/<filename>``, e.g. ``http://host/lptfl/fmnist/train-images-idx3-ubyte.gz``.
+Set a mirror with the ``mirror`` argument or the ``LPTFL_DATA_MIRROR`` environment variable: an http(s)://
+or file:// URL serving ``<mirror>/<dataset>/<filename>``, e.g. ``file:///srv/lptfl/fmnist/t10k-labels-idx1-ubyte.gz``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import http.client
 import logging
@@ -15,16 +17,16 @@ import os
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from tqdm import tqdm
 
-from .errors import DatasetError
+from .errors import ChecksumError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -87,24 +89,38 @@ def download_dataset(name: str, data_dir: str | Path, *, mirror: str | None = No
     """Download (and unpack) the official release of dataset ``name`` into ``data_dir``.
 
     ``name`` is a canonical name (a key of SOURCES). Files already present with the right md5 are
-    not fetched again. ``mirror`` (default: env ``LPTFL_DATA_MIRROR``, else the official URL) is a
-    base URL serving ``<mirror>/<name>/<filename>``. Raises DatasetError on a network failure, a
-    checksum mismatch (nothing is left in place) or an unsafe archive member.
+    not fetched again; a file with another md5 is replaced once its new copy verifies. ``mirror``
+    (default: env ``LPTFL_DATA_MIRROR``, else the official URL) is an http(s):// or file:// base URL
+    serving ``<mirror>/<name>/<filename>``. Raises ValueError for an unknown name or a mirror that is
+    not such a URL, DatasetError on a network failure, a checksum mismatch (nothing is left in place)
+    or an unsafe archive member; on failure the folders it created are removed again if empty.
     """
     if name not in SOURCES:
         raise ValueError(f"no download source for dataset {name!r}; known: {', '.join(sorted(SOURCES))}")
     source = SOURCES[name]
+    origin = "mirror" if mirror is not None else MIRROR_ENV
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV)
+    if mirror and urllib.parse.urlsplit(mirror).scheme not in ("http", "https", "file"):
+        uri = f" ({Path(mirror).resolve().as_uri()} for that folder)" if Path(mirror).is_dir() else ""
+        raise ValueError(f"{origin}={mirror!r} is not a URL; expected http://, https:// or file:// and the "
+                         f"address of a folder serving <mirror>/<dataset>/<file>{uri}")
     base_url = f"{mirror.rstrip('/')}/{name}/" if mirror else source.base_url
     root = Path(data_dir)
-    for resource in source.resources:
-        path = root / resource.subdir / resource.filename
-        if path.is_file() and file_md5(path) == resource.md5:
-            logger.info("%s already present with the expected md5", path)
-        else:
-            fetch(base_url + resource.filename, path, md5=resource.md5)
-        if resource.extract_to is not None:
-            extract_tar(path, root / resource.extract_to)
+    new_folders = {p for r in source.resources for p in (root / r.subdir, *(root / r.subdir).parents) if not p.exists()}
+    try:
+        for resource in source.resources:
+            path = root / resource.subdir / resource.filename
+            if path.is_file() and file_md5(path) == resource.md5:
+                logger.info("%s already present with the expected md5", path)
+            else:
+                fetch(base_url + resource.filename, path, md5=resource.md5)
+            if resource.extract_to is not None:
+                extract_tar(path, root / resource.extract_to)
+    except BaseException:
+        for folder in sorted(new_folders, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty: it holds files that did verify
+                folder.rmdir()
+        raise
 
 
 # md5 of a file as found by verify_published: (resolved path, size, mtime in ns) -> hex md5. A file
@@ -116,16 +132,28 @@ def verify_published(name: str, data_dir: str | Path) -> None:
     """Check every file of dataset ``name``'s official release present under ``data_dir`` against
     its published md5 (:data:`SOURCES`); a file is hashed once per process while its size and
     modification time stay the same. Files a release does not publish an md5 for (those unpacked
-    from an archive, an uncompressed IDX file) are not checked.
+    from an archive) are not checked; an uncompressed IDX file whose ``.gz`` is absent is logged
+    as unchecked, once per process.
 
     Raises:
-        DatasetError: a file's md5 differs, naming the file and both digests.
+        ChecksumError: a file's md5 differs, naming the file and both digests.
     """
     source = SOURCES.get(name)
+    unchecked = []
     for resource in source.resources if source is not None else ():
         path = Path(data_dir) / resource.subdir / resource.filename
         if path.is_file():
             _check_md5(path, resource.md5)
+        elif path.suffix == ".gz" and path.with_suffix("").is_file():
+            unchecked.append(path.with_suffix(""))
+    if unchecked:
+        _warn_unchecked(tuple(unchecked))
+
+
+@functools.cache
+def _warn_unchecked(paths: tuple[Path, ...]) -> None:
+    logger.warning("%s: no published md5 (only the .gz files have one); loaded unchecked. Place the official "
+                   ".gz files beside them to have them checked and loaded", ", ".join(map(str, paths)))
 
 
 def _check_md5(path: Path, expected: str) -> None:
@@ -135,10 +163,7 @@ def _check_md5(path: Path, expected: str) -> None:
     if key not in _MD5_SEEN:
         _MD5_SEEN[key] = file_md5(path)
     if _MD5_SEEN[key] != expected:
-        raise DatasetError(
-            f"{path}: md5 {_MD5_SEEN[key]}, expected the published {expected}; the file is damaged or not the "
-            "official release: delete it and download it again (--download), or pass --no_verify to load it anyway"
-        )
+        raise ChecksumError(path, _MD5_SEEN[key], expected)
 
 
 def file_md5(path: Path) -> str:
@@ -150,7 +175,7 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextmanager
+@contextlib.contextmanager
 def _atomic_output(dest: Path, *, durable: bool) -> Iterator[BinaryIO]:
     """Yield a temporary file next to ``dest``; rename it to ``dest`` if the block succeeds.
 
@@ -183,8 +208,9 @@ def fetch(url: str, dest: Path, *, md5: str) -> None:
     with _atomic_output(dest, durable=True) as out:
         digest = hashlib.md5(usedforsecurity=False)
         try:
-            with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, tqdm(
-                total=response.length, unit="B", unit_scale=True, desc=dest.name, disable=None
+            with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, tqdm(  # file:// has no .length
+                total=int(response.headers.get("Content-Length", 0)) or None, unit="B", unit_scale=True,
+                desc=dest.name, disable=None,
             ) as progress:
                 while chunk := response.read(CHUNK_BYTES):
                     digest.update(chunk)

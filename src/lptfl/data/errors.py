@@ -9,6 +9,17 @@ class DatasetError(Exception):
     """A dataset file is missing, corrupt, of the wrong format, or failed its checksum."""
 
 
+class ChecksumError(DatasetError):
+    """A file's md5 differs from its published one; ``load_dataset(..., download=True)`` fetches it again."""
+
+    def __init__(self, path: Path, md5: str, expected: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path}: md5 {md5}, expected the published {expected}; the file is damaged or not the official "
+            "release: fetch it again (--download), or pass --no_verify to load it anyway"
+        )
+
+
 class MissingFilesError(DatasetError):
     """A file that a dataset needs is not on disk.
 

@@ -18,8 +18,9 @@ SPLIT_FILES = {
 
 
 def _locate(raw_dir: Path, name: str) -> Path:
-    """Return ``raw_dir/name`` or ``raw_dir/name.gz``, whichever exists (uncompressed first)."""
-    for candidate in (raw_dir / name, raw_dir / f"{name}.gz"):
+    """Return ``raw_dir/name.gz`` or ``raw_dir/name``, whichever exists (the .gz, which has a published
+    md5, first)."""
+    for candidate in (raw_dir / f"{name}.gz", raw_dir / name):
         if candidate.is_file():
             return candidate
     raise MissingFilesError(f"{name} (or {name}.gz)", raw_dir)
@@ -48,7 +49,7 @@ def _load_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nd
 def load_mnist_release(raw_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Load the four IDX files of an MNIST-format release from ``raw_dir``.
 
-    Each file may be raw or gzipped (``.gz``). The test split comes from the t10k files.
+    Each file may be raw or gzipped (``.gz``, read when both exist). The test split comes from the t10k files.
     Returns ``(train_x, train_y, test_x, test_y)``: images uint8 of shape (N, 1, 28, 28),
     labels int64 of shape (N,). Raises MissingFilesError before parsing anything if a file is
     absent, DatasetError if a file is corrupt.

@@ -70,7 +70,7 @@ def _balance(log_proportions: np.ndarray, class_sizes: np.ndarray, max_iter: int
     if error > BALANCE_WARNING:
         logger.warning(
             "Dirichlet balancing stopped after max_iter=%d iterations with client sizes off by up to "
-            "%.2g of the mean; raise max_iter for more equal clients", max_iter, error,
+            "%.2g of the mean; the clients stay that unequal in size", max_iter, error,
         )
     return np.exp(log_expected - log_sizes)
 

@@ -51,6 +51,10 @@ class RunAssembly:
         self.parts, val = split_clients(config, labels)  # no client trains on ABAvg's validation data
         self.val_x, self.val_y = validation_data(config, self.data, val)
         log.info("partition:\n%s", partition_summary(labels, self.parts, self.data.num_classes))
+        empty = sum(len(part) == 0 for part in self.parts)
+        if empty:
+            log.warning("%d of %d clients hold no training samples (--partition %s, --alpha %g): when sampled they "
+                        "send the served model back unchanged", empty, len(self.parts), config.partition, config.alpha)
         self.policy = config.policy()
         self.plan = compile_plan(config, [len(p) for p in self.parts], len(self.data.test_y), self.device,
                                  self.policy.is_full_precision, one_client_round=one_client_round)

@@ -199,19 +199,19 @@ def metadata_checksum(meta: dict) -> str:
     return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
-def _header_metadata(data: bytes) -> dict:
-    if len(data) < 8:
-        raise CheckpointError("checkpoint file is truncated")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8:
-        raise CheckpointError("checkpoint header is longer than the file")
+def _header_metadata(path: Path, data: bytes) -> dict:
+    """The lptfl metadata in the safetensors header of ``data`` (the bytes of ``path``)."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else None
+    if size is None or size > len(data) - 8:
+        raise CheckpointError(f"{path} is truncated (its header is cut short); {REPAIR}")
     header = json.loads(data[8 : 8 + size])
-    meta = (header.get("__metadata__") or {}).get("lptfl")
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    meta = meta.get("lptfl") if isinstance(meta, dict) else None
     if meta is None:
-        raise CheckpointError("not an lptfl checkpoint (no lptfl metadata)")
+        raise CheckpointError(f"{path} is not an lptfl checkpoint (no lptfl metadata in its header); {REPAIR}")
     meta = json.loads(meta)
     if not isinstance(meta, dict):
-        raise CheckpointError("its lptfl metadata is not a JSON object")
+        raise CheckpointError(f"{path}: its lptfl metadata is not a JSON object; {REPAIR}")
     return meta
 
 
@@ -253,7 +253,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         return None
     data = path.read_bytes()
     try:
-        meta = _header_metadata(data)
+        meta = _header_metadata(path, data)
         _check_format(path, meta)
         tensors = load_tensors(data)
     except CheckpointError:
@@ -333,6 +333,9 @@ def check_resumable(run_dir: Path, checkpoint: Checkpoint, config: RunConfig) ->
         CheckpointError: naming the file and what does not match, with what to do.
     """
     run_dir = Path(run_dir)
+    if config.c_rounds < checkpoint.round:
+        raise CheckpointError(f"--c_rounds {config.c_rounds} is below the {checkpoint.round} rounds {run_dir} has "
+                              f"done; resume with --c_rounds {checkpoint.round} or more")
     rounds = RunDirectory(run_dir).checkpointed_rounds(checkpoint.metrics_lines)
     last = rounds[-1].get("round") if rounds else 0
     if last != checkpoint.round:
@@ -386,16 +389,17 @@ def refuse_restart_without_checkpoint(run_dir: Path) -> None:
     checkpoints are not committed), and restarting would throw those rounds away unannounced.
 
     Raises:
-        CheckpointError: the run has more complete metrics lines than ``checkpoint_every``
-            (its saved setting, > 0) and no checkpoint.
+        CheckpointError: the run has more complete metrics lines than ``checkpoint_every`` (its saved
+            setting; 0, no checkpoints: any line) and no checkpoint.
     """
     run_dir = Path(run_dir)
     every = read_config(run_dir).checkpoint_every
     lines = len(RunDirectory(run_dir).metrics_lines())
-    if every and lines > every:
+    if lines > every:
+        why = (f"the run writes one every {every} round(s), so it was removed or lost" if every else
+               "the run was started with --checkpoint_every 0, which writes none")
         raise CheckpointError(
-            f"cannot resume {run_dir}: metrics.jsonl has {lines} rounds but {CHECKPOINT} is missing (the run "
-            f"writes one every {every} round(s), so it was removed or lost); resuming would start again from "
-            f"round 0 and cut those rounds: move {run_dir / 'metrics.jsonl'} elsewhere to restart the run, or start "
-            "it anew with --out and --overwrite"
+            f"cannot resume {run_dir}: metrics.jsonl has {lines} rounds but {CHECKPOINT} is missing ({why}); "
+            f"resuming would start again from round 0 and cut those rounds: move {run_dir / 'metrics.jsonl'} "
+            "elsewhere to restart the run, or start it anew with --out and --overwrite"
         )

@@ -242,7 +242,8 @@ class RunConfig:
     optimizer: str = setting("adam", CORE, "client optimizer: adam (the paper's), sgd (plain, as the published "
                              "SGD) or sgd-momentum (momentum 0.9); the published spellings in any case",
                              choices=OPTIMIZERS, aliases={})
-    seed: int = setting(0, CORE, "seed of every random draw (partition, sampling, rounding, initialisation)")
+    seed: int = setting(0, CORE, "seed of every random draw (partition, sampling, rounding, initialisation)",
+                        within="[0, inf)")
     use_quantization: bool = setting(False, PRECISION, "low-precision local training and communication")
     quantization_bits: int = setting(8, PRECISION, "word length of weights, activations, gradients, errors "
                                      "(sign included)", within="[2, 16]")
@@ -403,8 +404,39 @@ class RunConfig:
             raise ConfigError("model_name", f"one of {', '.join(MODELS)}", self.model_name)
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError("device", "cpu, cuda or cuda:N", self.device)
+        sampled = max(1, int(round(self.frac * self.num_clients)))  # as lptfl.experiment.setup.sample_clients
+        if self.min_clients > sampled:
+            raise ConfigError("min_clients", f"at most the {sampled} clients sampled a round (--frac {self.frac:g} of "
+                                             f"--num_clients {self.num_clients}), or every round is skipped",
+                              self.min_clients)
         if self.aggregation_mode == "abavg" and self.robust != "none":
             raise ConfigError("robust", "none with --aggregation_mode abavg (it weights the mean)", self.robust)
+
+    def unused_settings(self) -> list[str]:
+        """The settings given another value than their default that the other settings leave unused,
+        each as ``"--name (why)"``, so that a run can say so rather than ignore them silently."""
+        model = self.model_name.lower()
+        rules = (
+            (("quantization_bits", "use_mixed_precision", "block_dim", "small_block", "quant_type", "downlink"),
+             not self.use_quantization, "the run is fp32 without --use_quantization"),
+            (("weight_quantization_bits", "activation_quantization_bits", "grad_quantization_bits"),
+             not (self.use_quantization and self.use_mixed_precision), "used only with --use_mixed_precision"),
+            (("moving_weight", "ma_start"), not self.moving_average, "used only with --moving_average"),
+            (("ma_start",), self.moving_average and self.ma_start > self.c_rounds,
+             f"the average starts after the last round, {self.c_rounds}"),
+            (("server_lr",), self.server_optimizer == "none", "used only with a --server_optimizer"),
+            (("lambda_fedprox",), self.aggregation_mode != "fedprox", "used only with --aggregation_mode fedprox"),
+            (("model_norm",), model != "convnet", "only the ConvNet takes a norm"),
+            (("model_width",), model not in ("convnet", "mlp"), f"{self.model_name} has its own widths"),
+        )
+        defaults = {f.name: f.default for f in fields(self)}
+        return [f"--{name} ({why})" for names, unused, why in rules if unused
+                for name in names if getattr(self, name) != defaults[name]]
+
+    def warn_unused(self) -> None:
+        """Log a warning for each of :meth:`unused_settings` (at the start of a run)."""
+        for unused in self.unused_settings():
+            log.warning("%s has no effect in this run", unused)
 
     def policy(self) -> PrecisionPolicy:
         """The precision policy these flags describe."""
@@ -544,7 +576,7 @@ def from_published(values: dict, source: str | None = None) -> dict:
     """
     renames = published_names()
     ours: dict = {}
-    for key, value in _flat(values).items():
+    for key, value in _flat(values, source).items():
         if key in PUBLISHED_NO_OPS or key in PUBLISHED_DERIVED:
             _, default, why = PUBLISHED_NO_OPS.get(key, (None, value, ""))
             if value != default:
@@ -555,9 +587,17 @@ def from_published(values: dict, source: str | None = None) -> dict:
     return ours
 
 
-def _flat(values: dict) -> dict:
-    """Nested objects merged into one level, as the published script reads its JSON configs."""
+def _flat(values: dict, source: str | None = None) -> dict:
+    """Nested objects merged into one level, as the published script reads its JSON configs.
+
+    Raises:
+        ConfigError: a key given twice with different values (in two tables or objects).
+    """
     flat: dict = {}
     for key, value in values.items():
-        flat.update(_flat(value) if isinstance(value, dict) else {key: value})
+        for name, item in (_flat(value, source) if isinstance(value, dict) else {key: value}).items():
+            if name in flat and flat[name] != item:
+                raise ConfigError(name, f"one value (it is given twice: {shown(flat[name])} and {shown(item)})", item,
+                                  source)
+            flat[name] = item
     return flat

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import reprlib
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
 LAST_ROUNDS = 5
+REPAIR = "restore the file from a copy, or start the run again with --overwrite"  # what to do about a damaged file
 # Fields of a round that measure the machine rather than the computation: a rerun may differ in them.
 TIMING_FIELDS = ("round_time_s", "wall_time_s", "phase_s")
 # The served model's two scores (lptfl.experiment.evaluation): without activation quantizers, and with
@@ -69,24 +71,48 @@ class RoundMetrics:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rounds recorded in ``run_dir/metrics.jsonl`` (empty if none).
+    """The rounds recorded in ``run_dir/metrics.jsonl`` (empty if none), each a JSON object with an integer
+    ``round`` (>= 1) and ``bytes_up`` (>= 0) and a number or null as each of :data:`TEST_FIELDS` it holds.
 
-    Raises ``ValueError`` naming the file and line when a line is not JSON (e.g. the last one of a
-    run killed while appending it, until ``lptfl run --resume`` cuts the file back to its checkpoint).
+    Raises:
+        ValueError: naming the file, the line and what was expected; for a last line cut short (a run
+            killed while appending it), the command that cuts it off.
     """
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
     rounds = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            rounds.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number} is not JSON ({err.msg}); if a run was killed while writing "
-                             f"it, `lptfl run --resume {run_dir}` cuts the file back to its checkpoint") from err
+            torn = number == len(lines) and not text.endswith("\n")  # no checkpoint counts it: resuming cuts it off
+            advice = f"if a run was killed writing it, `lptfl run --resume {run_dir}` cuts it off" if torn else REPAIR
+            raise ValueError(f"{path} line {number} is not JSON ({err.msg}), expected one object per round; {advice}") \
+                from None
+        problem = _round_problem(record)
+        if problem is not None:
+            raise ValueError(f"{path} line {number} {problem}; {REPAIR}")
+        rounds.append(record)
     return rounds
+
+
+def _round_problem(record: object) -> str | None:
+    """What keeps ``record`` from being a round as :func:`read_metrics` returns them (None: nothing)."""
+    if not isinstance(record, dict):
+        return f"is {reprlib.repr(record)}, expected a JSON object (one round)"
+    for name, least in (("round", 1), ("bytes_up", 0)):
+        value = record.get(name)
+        if type(value) is not int or value < least:
+            what = f"{name} {reprlib.repr(value)}" if name in record else f"no {name}"
+            return f"has {what}, expected an integer >= {least}"
+    wrong = next((name for name in TEST_FIELDS if record.get(name) is not None
+                  and type(record[name]) not in (int, float)), None)
+    return None if wrong is None else f"has {wrong} {reprlib.repr(record[wrong])}, expected a number or null"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ metrics back to a checkpoint's.
 - ``summary.json`` and ``curves.png``: the rounds so far, written when the run ends or is stopped;
 - ``checkpoint.safetensors``: the state after the last checkpointed round (:mod:`lptfl.experiment.checkpoint`);
 - ``client_state/``: a disk client-state store, and ``checkpoint-client_state-<round>-<tag>/`` its
-  files as they were at the checkpoint.
+  files as they were at the checkpoint;
+- ``.replaced/``: the run that ``--overwrite`` replaces, kept until the new run has written round 1
+  (put back if it fails before).
 
 Every file but ``metrics.jsonl`` is written whole and atomically (temporary file, fsync, rename,
 fsync of the folder): a crash leaves the old file or the new one.
@@ -24,13 +26,13 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from lptfl.experiment.results import CURVES, METRICS, SUMMARY, RoundMetrics
+from lptfl.experiment.results import CURVES, METRICS, REPAIR, SUMMARY, RoundMetrics
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
 CLIENT_STATE = "client_state"
 SNAPSHOT_PREFIX = "checkpoint-client_state-"
-REPAIR = "restore the file from a copy, or start the run again with --overwrite"  # what to do about damage
+REPLACED = ".replaced"
 
 
 class CheckpointError(ValueError):
@@ -89,6 +91,7 @@ class RunDirectory:
             handle.write(json.dumps(asdict(metrics)) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        shutil.rmtree(self.path / REPLACED, ignore_errors=True)  # the new run has a round: the old one goes
 
     def write_summary(self, summary: dict) -> None:
         """Write ``summary.json`` atomically."""
@@ -108,8 +111,8 @@ class RunDirectory:
         """
         path, kept = self.path / METRICS, self.metrics_lines()[:lines]
         if len(kept) < lines:
-            state = f"{len(kept)} complete lines" if path.exists() else "missing"
-            raise CheckpointError(f"{path} has {state}; the checkpoint counts {lines}; {REPAIR}")
+            state = f"has {len(kept)} complete lines" if path.exists() else "is missing"
+            raise CheckpointError(f"{path} {state}; the checkpoint counts {lines}; {REPAIR}")
         rounds = []
         for number, line in enumerate(kept, start=1):
             try:
@@ -182,9 +185,23 @@ class RunDirectory:
         finally:
             os.close(fd)
 
+    def _run_files(self) -> list[Path]:
+        """What a run puts in the folder: its files, its client-state store and snapshots."""
+        names = (METRICS, SUMMARY, CURVES, CONFIG, CHECKPOINT, CLIENT_STATE)
+        return [*(self.path / name for name in names if (self.path / name).exists()),
+                *self.path.glob(f"{SNAPSHOT_PREFIX}*"), *self.path.glob(f".{SNAPSHOT_PREFIX}*")]
+
+    def _remove_run_files(self) -> None:
+        for item in self._run_files():
+            if item.is_dir():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+
     def prepare(self, *, overwrite: bool) -> Path | None:
-        """Create the folder for a new run; refuse one that holds a run unless ``overwrite`` (then
-        clear it). Returns the outermost folder it created (None: the folder existed).
+        """Create the folder for a new run; refuse one that holds a run unless ``overwrite`` (then set
+        that run aside in ``.replaced/`` until the new run writes round 1). Returns the outermost
+        folder it created (None: the folder existed).
 
         Raises:
             OutputExistsError: the path is a file, or holds a run and ``overwrite`` is false.
@@ -194,25 +211,41 @@ class RunDirectory:
         if existing and not overwrite:
             raise OutputExistsError(f"{self.path} already holds a run ({', '.join(existing)}); pass --overwrite to "
                                     "replace it, --resume to continue it, or choose another --out")
-        for name in existing:
-            (self.path / name).unlink()
-        if overwrite:
-            self.remove_snapshots()
-            shutil.rmtree(self.path / CLIENT_STATE, ignore_errors=True)
+        aside = self.path / REPLACED
+        if aside.exists():  # set aside by a replacement that never wrote a round: it stays the run to put back
+            self._remove_run_files()
+        elif overwrite and self._run_files():
+            aside.mkdir()
+            for item in self._run_files():
+                os.replace(item, aside / item.name)
+            fsync_dir(aside)
+            fsync_dir(self.path)
         return created
+
+    def abandon(self) -> None:
+        """Undo a new run that wrote no round: remove what it put here and put back the run it
+        replaced (``.replaced/``), so that the corrected command finds the folder as it was. A run
+        that wrote a round stays."""
+        if (self.path / METRICS).exists():
+            return
+        self._remove_run_files()
+        aside = self.path / REPLACED
+        if aside.exists():
+            for item in aside.iterdir():
+                os.replace(item, self.path / item.name)
+            aside.rmdir()
+            fsync_dir(self.path)
 
     @contextmanager
     def new_run(self, *, overwrite: bool) -> Iterator[None]:
-        """:meth:`prepare` the folder; when the body fails before round 1's metrics are written, remove
-        what the run put here (its config, its client-state store, the folders made for it), so that
-        the corrected command runs instead of finding "a run" here."""
+        """:meth:`prepare` the folder; when the body fails before round 1's metrics are written,
+        :meth:`abandon` the run and remove the folders made for it."""
         created = self.prepare(overwrite=overwrite)
         try:
             yield
         except BaseException:
             if not (self.path / METRICS).exists():
-                (self.path / CONFIG).unlink(missing_ok=True)
-                shutil.rmtree(self.path / CLIENT_STATE, ignore_errors=True)
+                self.abandon()
                 for folder in (self.path, *self.path.parents) if created is not None else ():
                     if not folder.is_dir() or any(folder.iterdir()):
                         break

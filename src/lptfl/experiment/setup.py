@@ -83,6 +83,9 @@ def split_clients(config: RunConfig, labels: np.ndarray) -> tuple[list[np.ndarra
     """
     if config.aggregation_mode == "abavg" and not config.abavg_use_test_set:
         pool, val = validation_split(len(labels), config.abavg_val_fraction, config.seed)
+        if config.num_clients > len(pool):
+            raise ValueError(f"--num_clients {config.num_clients} exceeds the {len(pool)} training samples that "
+                             f"--abavg_val_fraction {config.abavg_val_fraction:g} leaves of {config.dataset}")
         return [pool[p] for p in partition_data(config, labels[pool])], val
     return partition_data(config, labels), None
 

@@ -16,7 +16,7 @@ PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 class TrackerMissingError(ValueError):
-    """The tracker's package is not installed."""
+    """The tracker's package is not installed, or cannot start (e.g. wandb without a login)."""
 
 
 class Tracker(Protocol):
@@ -62,8 +62,12 @@ class WandbTracker:
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project="lptfl", name=out_dir.name, dir=str(out_dir), config=config.to_dict(),
-                              resume="allow", id=f"lptfl-{config.fingerprint()}-{out_dir.name}"[:64])
+        try:
+            self.run = wandb.init(project="lptfl", name=out_dir.name, dir=str(out_dir), config=config.to_dict(),
+                                  resume="allow", id=f"lptfl-{config.fingerprint()}-{out_dir.name}"[:64])
+        except wandb.errors.Error as err:  # the user's set-up (no API key, no network), not a bug
+            raise TrackerMissingError(f"--log wandb cannot start: {err} (run `wandb login`, or set "
+                                      "WANDB_MODE=offline to log locally)") from None
 
     def log_round(self, metrics: dict) -> None:
         self.run.log(_scalars(metrics), step=metrics["round"])

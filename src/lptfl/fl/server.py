@@ -220,18 +220,14 @@ class Server:
             state = codec.decode(payload, expect=self._expect, formats=self._formats,
                                  max_bytes=self.config.max_payload_bytes)
         except codec.PayloadError as err:
-            self.stats.rejected += 1
-            self.stats.reasons.append(f"client {client}: {err}")
-            log.warning("rejected the update of client %s: %s", client, err)
+            self.reject(client, str(err))
             return False
         if self.config.max_update_norm is not None and self._reference is not None:
             distance = update_distance(state, self._reference)
             if not distance <= self.config.max_update_norm:
-                self.stats.rejected += 1
                 self.stats.rejected_norm += 1
-                reason = f"update norm {distance:.4g} exceeds --max_update_norm {self.config.max_update_norm:g}"
-                self.stats.reasons.append(f"client {client}: {reason}")
-                log.warning("rejected the update of client %s: %s", client, reason)
+                self.reject(client, f"update norm {distance:.4g} exceeds --max_update_norm "
+                                    f"{self.config.max_update_norm:g}")
                 return False
         weight = float(num_samples) if self.config.weighting == "samples" else 1.0
         if self._scorer is not None:
@@ -242,6 +238,12 @@ class Server:
         if self._on_accept is not None:
             self._on_accept(client, state, num_samples)
         return True
+
+    def reject(self, client: int | str, reason: str) -> None:
+        """Count a client of this round whose update is refused, for ``reason`` (logged)."""
+        self.stats.rejected += 1
+        self.stats.reasons.append(f"client {client}: {reason}")
+        log.warning("rejected the update of client %s: %s", client, reason)
 
     def end_round(self) -> bool:
         """Aggregate what arrived; update the moving average. False if no update was accepted

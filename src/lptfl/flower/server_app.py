@@ -138,4 +138,5 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point of the ServerApp (component ``lptfl.flower.server_app:app``)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config, options = from_flower_config(dict(context.run_config))
+    config.warn_unused()
     FlowerRun(config, options).run(grid)

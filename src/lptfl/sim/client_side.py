@@ -67,21 +67,29 @@ class ClientReply:
 
     Attributes:
         client: its index.
-        payload: its encoded update (the uplink).
+        payload: its encoded update (the uplink); None when it has none to send (``error`` says why).
         num_samples: its training samples.
         loss: its mean training loss over the round (nats).
         label_counts: its samples per class where the server needs them (FedGen, FedFTG), else None.
         optimizer: its optimizer state after the round (None where no state is kept).
         local: its own state entries after the round (FedBN), else None.
+        error: why ``payload`` is None (its training diverged: it keeps the state it came with).
     """
 
     client: int
-    payload: bytes
+    payload: bytes | None
     num_samples: int
     loss: float
     label_counts: torch.Tensor | None = None
     optimizer: OptimizerArrays | None = None
     local: State | None = None
+    error: str | None = None
+
+
+def nonfinite_entry(state: State) -> str | None:
+    """The name of the first floating entry of ``state`` that holds NaN or an infinity (None: none)."""
+    return next((name for name, value in state.items()
+                 if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
 
 
 class ClientSide:
@@ -148,9 +156,18 @@ class ClientSide:
             algorithm.load_client_state(entry.client, entry.local)
             if store is not None and entry.optimizer is not None:
                 store.save_arrays(entry.client, entry.optimizer)
-        clients = [entry.client for entry in job.clients]
+        entries = {entry.client: entry for entry in job.clients}
         replies = []
-        for client, result in self._updates(clients, start_state, regularizer, job, store):
+        for client, result in self._updates(list(entries), start_state, regularizer, job, store):
+            diverged = nonfinite_entry(result.state)
+            if diverged is not None:  # the wire carries finite values only: no update, the round leaves it as it was
+                entry = entries[client]
+                replies.append(ClientReply(
+                    client, None, result.num_samples, result.loss, algorithm.label_counts(self.client_y[client]),
+                    entry.optimizer, entry.local,
+                    error=f"its training diverged in round {job.round_index} ({diverged!r} holds NaN or infinite "
+                          f"values; a lower --lr {job.lr:g} may help)"))
+                continue
             up = codec.encode(algorithm.uplink(client, result.state), self.policy.uplink,
                               full_precision=self.uplink_full_precision, compress=cfg.compress)
             replies.append(ClientReply(

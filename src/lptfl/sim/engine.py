@@ -142,7 +142,9 @@ class Simulation(RunAssembly):
             client_side.load_client_state(reply.client, reply.local)
             if reply.label_counts is not None:
                 server_side.report_counts(reply.client, reply.label_counts)
-            if self.server.receive(reply.payload, reply.num_samples, reply.client):
+            if reply.payload is None:
+                self.server.reject(reply.client, reply.error)
+            elif self.server.receive(reply.payload, reply.num_samples, reply.client):
                 accepted.append((reply.loss, reply.num_samples))
         self.server.end_round()
         server_side.end_round()

@@ -35,8 +35,9 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int, round_index: int, out_dir: Path) -> None:
         self.signum, self.round, self.out_dir = signum, round_index, out_dir
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after round {round_index} (checkpoint and metrics saved); "
-                         f"continue with: lptfl run --resume {out_dir}")
+        super().__init__(f"stopped by {name} after round {round_index} (checkpoint and metrics saved); continue "
+                         f"with: lptfl run --resume {out_dir}" if round_index else
+                         f"stopped by {name} before round 1 (nothing to keep); run the command again to start")
 
 
 def prepare_output(out_dir: Path, *, overwrite: bool) -> None:
@@ -64,6 +65,7 @@ def run_experiment(
     from lptfl.report import plot_curves
 
     config.validate()
+    config.warn_unused()
     check_device(config.device)
     check_tracker(config.log)
     if stop_after is not None and stop_after < 1:
@@ -118,6 +120,9 @@ def run_experiment(
                                 "from here train validly but are not bit-identical to an uninterrupted run's",
                                 out_dir, "; ".join(changed))
                 run.remove_results()  # stale from here on; rewritten when the run ends or is stopped
+                if sim.round >= config.c_rounds:
+                    log.warning("%s has its %d rounds already; nothing to run (a larger --c_rounds extends it)",
+                                out_dir, sim.round)
             write_config(out_dir, config)  # on resume: the same experiment, perhaps with a larger --c_rounds
             tracker = open_tracker(config.log, out_dir, config)
             bar = tqdm(total=config.c_rounds, initial=sim.round, desc="rounds", unit="round", disable=not progress)
@@ -135,6 +140,8 @@ def run_experiment(
                 if metrics.test_accuracy is not None:  # None: a round not evaluated (--eval_every)
                     bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.train_loss:.3f}")
             bar.close()
+            if stop and not sim.round and not resume:  # before round 1: new_run() puts the folder back as it was
+                raise RunInterrupted(stop["signum"], 0, out_dir)
         summary = summarize(config, read_metrics(out_dir), wall_time_s=sim.wall_time_s)
         run.write_summary(summary)
         plot_curves([out_dir], out_dir / CURVES)
