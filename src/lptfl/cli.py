@@ -33,6 +33,7 @@ from lptfl.experiment.config import (
     typed_values,
 )
 from lptfl.experiment.results import ACTIVATIONS, LAST_ROUNDS, METRICS
+from lptfl.experiment.run_dir import CHECKPOINT
 from lptfl.report import REPORT_FORMATS
 
 log = logging.getLogger("lptfl")
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="paper-style table and curves of several runs")
     report.add_argument("runs", nargs="+", type=Path,
                         help="run directories, or folders of them (their subfolders that hold a metrics.jsonl)")
-    report.add_argument("--plot", type=Path, help="save the curves of all runs here (PNG)")
+    report.add_argument("--plot", type=Path, help="save the curves of all runs here (the format of its suffix, else PNG)")
     report.add_argument("--format", default="markdown", choices=REPORT_FORMATS,
                         help="markdown (the paper-style table), csv (one row per run) or json (rows with their "
                              "accuracy curves) (default markdown)")
@@ -264,7 +265,7 @@ def _command_report(args: argparse.Namespace) -> int:
     print(report(list(rows.values()), args.format), end="")
     if args.plot is not None:
         print(f"curves saved to {plot_curves(list(rows), args.plot)}")
-    return 0 if len(rows) == len(runs) else 1
+    return 0 if len(rows) == len(runs) else 1 if rows else 2
 
 
 def _command_compare(args: argparse.Namespace) -> int:
@@ -317,7 +318,6 @@ def _command_flower_local(args: argparse.Namespace) -> int:
     from lptfl.experiment.setup import check_device
     from lptfl.experiment.checkpoint import write_config
     from lptfl.experiment.run_dir import RunDirectory
-    from lptfl.sim.runner import prepare_output
     from lptfl.sim.stop_signals import stop_signals_to
 
     config = replace(config_from_args(args), num_clients=args.supernodes)
@@ -326,22 +326,24 @@ def _command_flower_local(args: argparse.Namespace) -> int:
     config.validate()
     config.warn_unused()
     check_device(config.device)
+    options = FlowerOptions(round_timeout=args.round_timeout)
+    options.validate()
     started = time.perf_counter()
-    prepare_output(args.out, overwrite=getattr(args, "overwrite", False))
-    write_config(args.out, config)
     # Both stop the federation, also where a shell started this command with SIGINT ignored
-    # (a background job), as they stop `lptfl run`.
+    # (a background job), as they stop `lptfl run`. A run that fails before its first round leaves
+    # the folder as it was (RunDirectory.new_run).
     with stop_signals_to(_stop_federation), tempfile.TemporaryDirectory(prefix="lptfl-certs-") as certs:
         try:
-            tls = local_security(Path(certs), insecure=getattr(args, "insecure", False))
-            summary = run_local(config, args.out, supernodes=args.supernodes, home=getattr(args, "flwr_home", None),
-                                tls=tls, timeout=args.timeout, options=FlowerOptions(round_timeout=args.round_timeout))
+            with RunDirectory(args.out).new_run(overwrite=getattr(args, "overwrite", False)):
+                write_config(args.out, config)
+                tls = local_security(Path(certs), insecure=getattr(args, "insecure", False))
+                summary = run_local(config, args.out, supernodes=args.supernodes,
+                                    home=getattr(args, "flwr_home", None), tls=tls, timeout=args.timeout,
+                                    options=options)
         except FlowerRunError as err:
-            RunDirectory(args.out).abandon()
             print(f"lptfl: flower run failed: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            RunDirectory(args.out).abandon()
             print("lptfl: interrupted; the local federation was stopped", file=sys.stderr)
             return 130
     from lptfl.experiment.results import CURVES
@@ -358,7 +360,6 @@ def _stop_federation(signum: int, frame: object) -> None:
     if signum == signal.SIGTERM:
         sys.exit(143)
     raise KeyboardInterrupt
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lptfl: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second stop signal, or Ctrl-C before a run handles signals
-        print("lptfl: stopped at once; a run's last checkpoint stays valid (continue with: lptfl run --resume "
-              "DIR)", file=sys.stderr)
+        folder, hint = getattr(args, "resume", None) or getattr(args, "out", None), ""
+        if args.command == "run" and folder is not None and (Path(folder) / CHECKPOINT).exists():
+            hint = f"; continue from its last checkpoint with: lptfl run --resume {folder}"
+        print(f"lptfl: stopped at once{hint}", file=sys.stderr)
         return 130
     except Exception as err:  # a bug, not the user's mistake
         log_path = _save_traceback(argv)

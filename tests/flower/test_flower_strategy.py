@@ -251,6 +251,22 @@ def test_a_dataloader_trains_exactly_as_its_tensors(digits):
         train_low_precision(msg, context(), mlp(), [x], policy=POLICY)
 
 
+def test_a_client_whose_training_diverges_says_so_and_keeps_its_state(digits):
+    """A NaN/inf update cannot travel: the client raises (Flower counts it as failed), naming the round
+    and the entry, and its optimizer state of before the round stays for its next round."""
+    train, test = digits
+    grid = HelperGrid(train, test, nodes=1)
+    strategy = LowPrecisionFedAvg(policy=POLICY, min_train_nodes=1, min_available_nodes=1)
+    msg = train_message(strategy, grid, mlp())
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    x, y = train[0][:64], train[1][:64]
+    train_low_precision(msg, context, mlp(), (x, y), policy=POLICY, batch_size=32)
+    kept = {key: dict(record) for key, record in context.state.items()}
+    with pytest.raises(ValueError, match=r"training diverged in round 1: '.*' holds NaN or infinite values"):
+        train_low_precision(msg, context, mlp(), (x, y), policy=POLICY, batch_size=32, lr=1e30)
+    assert {key: dict(record) for key, record in context.state.items()} == kept
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"policy": "paper-8bit"}, TypeError, r"policy must be a PrecisionPolicy \(e.g. .*\), got str"),
     ({"server_optimizer": "fedadam"}, TypeError, r"server_optimizer must be a ServerOptimizer or None .*got str"),

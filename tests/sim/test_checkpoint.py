@@ -16,7 +16,7 @@ from lptfl.experiment.config import RunConfig
 from lptfl.experiment.run_dir import OutputExistsError, RunDirectory, atomic_write
 from lptfl.experiment import checkpoint as ckpt
 from lptfl.sim import runner
-from lptfl.sim.runner import prepare_output, run_experiment
+from lptfl.sim.runner import run_experiment
 
 ROUNDS = 6
 ARGS = ["--compile", "off", "--model_width", "8", "--c_rounds", str(ROUNDS), "--num_clients", "4", "--frac", "0.5",
@@ -249,11 +249,13 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
 
 
 def test_a_started_run_is_not_overwritten_silently(tmp_path):
+    """A folder with a run is refused without --overwrite; with it, the files of a run that wrote no
+    round go (nothing to keep), so a failing replacement leaves no lone config to be refused on."""
     ckpt.write_config(tmp_path, RunConfig())
     with pytest.raises(OutputExistsError, match="--resume"):
-        prepare_output(tmp_path, overwrite=False)
-    prepare_output(tmp_path, overwrite=True)
-    assert not (tmp_path / ckpt.CONFIG).exists()
+        RunDirectory(tmp_path).prepare(overwrite=False)
+    RunDirectory(tmp_path).prepare(overwrite=True)
+    assert not (tmp_path / ckpt.CONFIG).exists() and not (tmp_path / ".replaced").exists()
 
 
 def test_checkpoint_files_are_safe_and_atomic(tmp_path):
@@ -360,20 +362,66 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_writes_round_1(tmp_path, 
     assert (run_dir / "metrics.jsonl").read_bytes() != old["metrics.jsonl"]
 
 
+def old_run(folder):
+    ckpt.write_config(folder, RunConfig(seed=5))
+    (folder / "metrics.jsonl").write_text('{"round": 1}\n')
+    (folder / "client_state").mkdir()
+    (folder / "client_state" / "0.npz").write_bytes(b"adam")
+
+
+def is_old_run(folder):
+    return (ckpt.read_config(folder).seed == 5 and (folder / "metrics.jsonl").read_text() == '{"round": 1}\n'
+            and (folder / "client_state" / "0.npz").read_bytes() == b"adam"
+            and not (folder / ".replaced").exists() and not (folder / ".replaced.tmp").exists())
+
+
 def test_a_replacement_killed_before_round_1_leaves_the_old_run_to_put_back(tmp_path):
     """A replacement killed before round 1 (SIGKILL: nothing ran its clean-up) leaves the old run in
-    .replaced/; the next replacement keeps it there, and abandoning that one puts it back."""
-    run_dir = RunDirectory(tmp_path)
-    ckpt.write_config(tmp_path, RunConfig(seed=5))
-    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n')
-    run_dir.prepare(overwrite=True)
+    .replaced/: another replacement keeps it there (and abandoning that one puts it back), and a new
+    run without --overwrite finds it back in place and is refused."""
+    old_run(tmp_path)
+    RunDirectory(tmp_path).prepare(overwrite=True)
     ckpt.write_config(tmp_path, RunConfig(seed=6))  # the killed replacement's config
-    run_dir.prepare(overwrite=True)
+    RunDirectory(tmp_path).prepare(overwrite=True)
     assert not (tmp_path / ckpt.CONFIG).exists() and (tmp_path / ".replaced" / "metrics.jsonl").exists()
     ckpt.write_config(tmp_path, RunConfig(seed=7))
-    run_dir.abandon()
-    assert ckpt.read_config(tmp_path).seed == 5 and (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'
-    assert not (tmp_path / ".replaced").exists()
+    RunDirectory(tmp_path).abandon()
+    assert is_old_run(tmp_path)
+    RunDirectory(tmp_path).prepare(overwrite=True)
+    ckpt.write_config(tmp_path, RunConfig(seed=6))
+    with pytest.raises(OutputExistsError, match="already holds a run"):
+        RunDirectory(tmp_path).prepare(overwrite=False)
+    assert is_old_run(tmp_path)
+
+
+@pytest.mark.parametrize("failing_move", [1, 2, 3])
+def test_a_crash_while_the_old_run_moves_loses_nothing(tmp_path, monkeypatch, failing_move):
+    """Killed half-way through setting the old run aside or putting it back: the next process that
+    takes the folder finishes the move back, and the old run is whole."""
+    real_replace, calls = os.replace, []
+
+    def crashing_replace(source, target):
+        calls.append(source)
+        if len(calls) == failing_move:
+            raise KeyboardInterrupt("killed")
+        real_replace(source, target)
+
+    old_run(tmp_path)
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        RunDirectory(tmp_path).prepare(overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    with RunDirectory(tmp_path).locked():
+        assert is_old_run(tmp_path)
+    RunDirectory(tmp_path).prepare(overwrite=True)
+    ckpt.write_config(tmp_path, RunConfig(seed=6))
+    calls.clear()
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        RunDirectory(tmp_path).abandon()
+    monkeypatch.setattr(os, "replace", real_replace)
+    RunDirectory(tmp_path).abandon()
+    assert is_old_run(tmp_path)
 
 
 def test_resume_refuses_a_run_without_checkpoints_and_fewer_rounds_than_done(tmp_path, capsys):

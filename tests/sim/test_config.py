@@ -73,7 +73,6 @@ def test_reliability_doc_lists_every_setting_a_resume_may_change():
     assert sorted(name.strip("`- ") for name in listed.split(",")) == sorted(RunConfig.resumable())
 
 
-
 def test_settings_the_others_leave_unused_are_named():
     assert RunConfig().unused_settings() == []
     assert RunConfig(use_quantization=True, quantization_bits=6, moving_average=True, ma_start=3).unused_settings() == []

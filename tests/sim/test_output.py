@@ -103,7 +103,34 @@ def test_flower_local_writes_config_json_and_removes_it_when_the_run_fails(tmp_p
     monkeypatch.setattr(local, "run_local", failing_run)
     out = tmp_path / "flower"
     assert main(["flower-local", "--supernodes", "3", "--rounds", "1", "--out", str(out), "--quiet"]) == 1
-    assert "simulated failure" in capsys.readouterr().err and not (out / "config.json").exists()
+    assert "simulated failure" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("failure, exit_code", [(SystemExit(143), 143), (ValueError("bad"), 2), (None, 1)])
+def test_flower_local_over_a_run_puts_it_back_when_the_federation_fails_before_round_1(
+        tmp_path, monkeypatch, capsys, failure, exit_code):
+    """--overwrite over a finished run: the ServerApp sets its own folder up (it replaces what it finds),
+    then the federation fails, is stopped (SIGTERM exits 143) or errs; the old run comes back whole,
+    and a retry is not refused on a left-over config."""
+    from lptfl.experiment.run_dir import RunDirectory
+    from lptfl.flower import local
+
+    out = tmp_path / "flower"
+    assert main(["run", "--num_clients", "3", "--c_rounds", "1", "--model_width", "4", "--compile", "off",
+                 "--out", str(out), "--quiet"]) == 0
+    old = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def failing_run(config, out_dir, **_):
+        RunDirectory(out_dir).prepare(overwrite=True)  # as the ServerApp does before its first round
+        raise failure or local.FlowerRunError("simulated failure")
+
+    monkeypatch.setattr(local, "run_local", failing_run)
+    try:
+        code = main(["flower-local", "--supernodes", "3", "--rounds", "1", "--out", str(out), "--overwrite", "--quiet"])
+    except SystemExit as stopped:
+        code = stopped.code
+    assert code == exit_code
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == old
 
 
 def test_a_second_process_cannot_run_in_a_held_folder(tmp_path):

@@ -9,11 +9,11 @@ import os
 import pytest
 
 from lptfl.cli import main
+from lptfl.experiment.results import REPAIR
 from lptfl.experiment.run_dir import CheckpointError, RunDirectory
 from lptfl.report import plot_curves, run_label
 
 ROUND = json.dumps({"round": 1, "test_accuracy": 0.5, "test_loss": 1.0, "bytes_up": 10})
-REPAIR = "restore the file from a copy, or start the run again with --overwrite"
 
 
 def write_run(run_dir, metrics: str = ROUND + "\n", **files: str):

@@ -12,7 +12,7 @@ import pytest
 from lptfl.cli import main
 from lptfl.experiment.config import RunConfig
 from lptfl.experiment.results import read_metrics
-from lptfl.experiment.tracking import TrackerMissingError, check_tracker
+from lptfl.experiment.tracking import TrackerError, check_tracker
 from lptfl.sim.runner import run_experiment
 
 TINY = dict(c_rounds=2, num_clients=4, frac=0.5, model_width=8, compile="off")
@@ -58,7 +58,7 @@ def test_a_missing_tracker_package_is_a_one_line_error(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     monkeypatch.setattr("importlib.import_module", lambda name: no_wandb(name))
-    with pytest.raises(TrackerMissingError, match=r"pip install 'lptfl\[wandb\]'"):
+    with pytest.raises(TrackerError, match=r"pip install 'lptfl\[wandb\]'"):
         check_tracker("wandb")
     out = tmp_path / "run"
     code = main(["run", "--c_rounds", "1", "--log", "wandb", "--out", str(out), "--quiet"])

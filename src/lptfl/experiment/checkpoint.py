@@ -40,7 +40,8 @@ from safetensors.torch import save as save_tensors
 
 from lptfl.experiment.config import SAVED_DEFAULTS, ConfigError, RunConfig
 from lptfl.experiment.results import numerics
-from lptfl.experiment.run_dir import CHECKPOINT, CONFIG, REPAIR, SNAPSHOT_PREFIX, CheckpointError, RunDirectory
+from lptfl.experiment.results import REPAIR
+from lptfl.experiment.run_dir import CHECKPOINT, CONFIG, SNAPSHOT_PREFIX, CheckpointError, RunDirectory
 from lptfl.fl import ClientStateStore, Server
 
 FORMAT = "lptfl-checkpoint"

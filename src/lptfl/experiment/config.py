@@ -404,13 +404,17 @@ class RunConfig:
             raise ConfigError("model_name", f"one of {', '.join(MODELS)}", self.model_name)
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError("device", "cpu, cuda or cuda:N", self.device)
-        sampled = max(1, int(round(self.frac * self.num_clients)))  # as lptfl.experiment.setup.sample_clients
+        sampled = self.clients_per_round()
         if self.min_clients > sampled:
             raise ConfigError("min_clients", f"at most the {sampled} clients sampled a round (--frac {self.frac:g} of "
                                              f"--num_clients {self.num_clients}), or every round is skipped",
                               self.min_clients)
         if self.aggregation_mode == "abavg" and self.robust != "none":
             raise ConfigError("robust", "none with --aggregation_mode abavg (it weights the mean)", self.robust)
+
+    def clients_per_round(self) -> int:
+        """Clients sampled each round (:func:`clients_per_round`)."""
+        return clients_per_round(self.num_clients, self.frac)
 
     def unused_settings(self) -> list[str]:
         """The settings given another value than their default that the other settings leave unused,
@@ -585,6 +589,11 @@ def from_published(values: dict, source: str | None = None) -> dict:
         name = renames.get(key, key)
         ours[name] = _PUBLISHED_NULLS.get(name, value) if value is None else value
     return ours
+
+
+def clients_per_round(num_clients: int, frac: float) -> int:
+    """Clients sampled each round out of ``num_clients``: ``max(1, round(frac * num_clients))``."""
+    return max(1, int(round(frac * num_clients)))
 
 
 def _flat(values: dict, source: str | None = None) -> dict:

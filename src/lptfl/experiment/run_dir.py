@@ -33,6 +33,9 @@ CHECKPOINT = "checkpoint.safetensors"
 CLIENT_STATE = "client_state"
 SNAPSHOT_PREFIX = "checkpoint-client_state-"
 REPLACED = ".replaced"
+MOVING = ".replaced.tmp"  # a replaced run's files while they move between the folder and REPLACED
+RUN_FILES = (METRICS, SUMMARY, CURVES, CONFIG, CHECKPOINT)  # any of them: the folder holds a run
+TENSORBOARD, WANDB = "tensorboard", "wandb"  # what --log writes into the run folder (wandb names its own)
 
 
 class CheckpointError(ValueError):
@@ -181,15 +184,21 @@ class RunDirectory:
             except BlockingIOError:
                 raise OutputExistsError(f"{self.path} is in use by another lptfl process; wait for it to end or "
                                         "choose another --out") from None
+            self._recover()
             yield
         finally:
             os.close(fd)
 
+    def _snapshots(self) -> list[Path]:
+        """The client-state snapshot folders (and unfinished ones)."""
+        return [*self.path.glob(f"{SNAPSHOT_PREFIX}*"), *self.path.glob(f".{SNAPSHOT_PREFIX}*")]
+
     def _run_files(self) -> list[Path]:
-        """What a run puts in the folder: its files, its client-state store and snapshots."""
-        names = (METRICS, SUMMARY, CURVES, CONFIG, CHECKPOINT, CLIENT_STATE)
+        """What a run puts in the folder: :data:`RUN_FILES`, its client-state store and snapshots, its
+        tracker's files."""
+        names = (*RUN_FILES, CLIENT_STATE, TENSORBOARD, WANDB)
         return [*(self.path / name for name in names if (self.path / name).exists()),
-                *self.path.glob(f"{SNAPSHOT_PREFIX}*"), *self.path.glob(f".{SNAPSHOT_PREFIX}*")]
+                *self._snapshots()]
 
     def _remove_run_files(self) -> None:
         for item in self._run_files():
@@ -198,27 +207,49 @@ class RunDirectory:
             else:
                 item.unlink()
 
+    def _put_back(self, folder: Path) -> None:
+        """Move the files of ``folder`` (a run set aside) back into the run folder, then remove it."""
+        for item in folder.iterdir():
+            os.replace(item, self.path / item.name)
+        folder.rmdir()
+        fsync_dir(self.path)
+
+    def _recover(self) -> None:
+        """Finish what a process killed while moving a replaced run left: files half-way between the
+        folder and ``.replaced/`` (in ``.replaced.tmp/``) go back; ``.replaced/`` goes once the new
+        run has written round 1."""
+        if (self.path / MOVING).exists():
+            self._put_back(self.path / MOVING)
+        if (self.path / REPLACED).exists() and (self.path / METRICS).exists():
+            shutil.rmtree(self.path / REPLACED)
+
     def prepare(self, *, overwrite: bool) -> Path | None:
-        """Create the folder for a new run; refuse one that holds a run unless ``overwrite`` (then set
-        that run aside in ``.replaced/`` until the new run writes round 1). Returns the outermost
+        """Create the folder for a new run; refuse one that holds a run unless ``overwrite``. A run with
+        rounds is then set aside in ``.replaced/`` until the new run writes round 1 (:meth:`abandon`
+        puts it back); files of a run that never wrote a round are removed. Returns the outermost
         folder it created (None: the folder existed).
 
         Raises:
             OutputExistsError: the path is a file, or holds a run and ``overwrite`` is false.
         """
         created = self._created or self._make()
-        existing = [name for name in (METRICS, SUMMARY, CURVES, CONFIG, CHECKPOINT) if (self.path / name).exists()]
+        self._recover()
+        aside = self.path / REPLACED
+        if aside.exists() and not overwrite:
+            self.abandon()  # a replacement killed before round 1: the run it replaced is the folder's run again
+        existing = [name for name in RUN_FILES if (self.path / name).exists()]
         if existing and not overwrite:
             raise OutputExistsError(f"{self.path} already holds a run ({', '.join(existing)}); pass --overwrite to "
                                     "replace it, --resume to continue it, or choose another --out")
-        aside = self.path / REPLACED
-        if aside.exists():  # set aside by a replacement that never wrote a round: it stays the run to put back
-            self._remove_run_files()
-        elif overwrite and self._run_files():
-            aside.mkdir()
+        if aside.exists() or not any((self.path / name).exists() for name in (METRICS, CHECKPOINT)):
+            self._remove_run_files()  # leftovers of a run (or a replacement) that wrote no round
+        else:
+            moving = self.path / MOVING
+            moving.mkdir()
             for item in self._run_files():
-                os.replace(item, aside / item.name)
-            fsync_dir(aside)
+                os.replace(item, moving / item.name)
+            fsync_dir(moving)
+            os.replace(moving, aside)  # a crash before this line leaves MOVING, which _recover() puts back
             fsync_dir(self.path)
         return created
 
@@ -226,15 +257,13 @@ class RunDirectory:
         """Undo a new run that wrote no round: remove what it put here and put back the run it
         replaced (``.replaced/``), so that the corrected command finds the folder as it was. A run
         that wrote a round stays."""
+        self._recover()
         if (self.path / METRICS).exists():
             return
         self._remove_run_files()
-        aside = self.path / REPLACED
-        if aside.exists():
-            for item in aside.iterdir():
-                os.replace(item, self.path / item.name)
-            aside.rmdir()
-            fsync_dir(self.path)
+        if (self.path / REPLACED).exists():
+            os.replace(self.path / REPLACED, self.path / MOVING)  # from here a crash is finished by _recover()
+            self._put_back(self.path / MOVING)
 
     @contextmanager
     def new_run(self, *, overwrite: bool) -> Iterator[None]:
@@ -268,6 +297,6 @@ class RunDirectory:
 
     def remove_snapshots(self, keep: str | None = None) -> None:
         """Delete the client-state snapshots (and unfinished ones) but ``keep``."""
-        for old in (*self.path.glob(f"{SNAPSHOT_PREFIX}*"), *self.path.glob(f".{SNAPSHOT_PREFIX}*")):
+        for old in self._snapshots():
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lptfl.data import Dataset, dirichlet_partition, iid_partition
-from lptfl.experiment.config import RunConfig
+from lptfl.experiment.config import RunConfig, clients_per_round
 from lptfl.experiment.results import LAST_ROUNDS
 from lptfl.fl.algorithms import validation_split
 from lptfl.fl.seeds import DROPOUT_TAG, INIT_TAG, SAMPLING_TAG, derive_seed
@@ -39,8 +39,8 @@ def check_device(name: str) -> None:
 
 
 def sample_clients(num_clients: int, frac: float, seed: int, round_index: int) -> list[int]:
-    """``max(1, round(frac * num_clients))`` distinct clients, uniformly without replacement."""
-    m = max(1, int(round(frac * num_clients)))
+    """:func:`~lptfl.experiment.config.clients_per_round` distinct clients, uniformly without replacement."""
+    m = clients_per_round(num_clients, frac)
     rng = np.random.default_rng(derive_seed(seed, round_index, SAMPLING_TAG))
     return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
 

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Protocol
 
 from lptfl.experiment.config import RunConfig
+from lptfl.experiment.run_dir import TENSORBOARD
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
-class TrackerMissingError(ValueError):
+class TrackerError(ValueError):
     """The tracker's package is not installed, or cannot start (e.g. wandb without a login)."""
 
 
@@ -38,7 +39,7 @@ class TensorBoardTracker:
     def __init__(self, out_dir: Path, config: RunConfig) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(out_dir / TENSORBOARD))
         self.writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=1) + "\n```")
 
     def log_round(self, metrics: dict) -> None:
@@ -66,7 +67,7 @@ class WandbTracker:
             self.run = wandb.init(project="lptfl", name=out_dir.name, dir=str(out_dir), config=config.to_dict(),
                                   resume="allow", id=f"lptfl-{config.fingerprint()}-{out_dir.name}"[:64])
         except wandb.errors.Error as err:  # the user's set-up (no API key, no network), not a bug
-            raise TrackerMissingError(f"--log wandb cannot start: {err} (run `wandb login`, or set "
+            raise TrackerError(f"--log wandb cannot start: {err} (run `wandb login`, or set "
                                       "WANDB_MODE=offline to log locally)") from None
 
     def log_round(self, metrics: dict) -> None:
@@ -82,14 +83,14 @@ def check_tracker(kind: str) -> None:
     """Refuse ``--log kind`` when its package is not installed, before a run starts.
 
     Raises:
-        TrackerMissingError: naming the package and the install command.
+        TrackerError: naming the package and the install command.
     """
     if kind == "none":
         return
     try:
         importlib.import_module(PACKAGES[kind])
     except ImportError:
-        raise TrackerMissingError(f"--log {kind} needs the {PACKAGES[kind]} package: "
+        raise TrackerError(f"--log {kind} needs the {PACKAGES[kind]} package: "
                                   f"pip install 'lptfl[{kind}]'") from None
 
 

@@ -63,6 +63,12 @@ class TrainResult:
     num_samples: int
     steps: int
 
+    def diverged_entry(self) -> str | None:
+        """The first floating entry of ``state`` holding NaN or an infinity (the training diverged;
+        no payload can carry it), or None."""
+        return next((name for name, value in self.state.items()
+                     if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     """``adam`` (the paper's), ``sgd`` (plain, as the published code's ``SGD``) or ``sgd-momentum``

@@ -40,8 +40,9 @@ class FlowerOptions:
     def validate(self) -> None:
         if self.min_nodes < 1:
             raise ValueError(f"min-nodes must be >= 1, got {self.min_nodes}")
-        if self.round_timeout < 0 or self.wait_nodes_timeout < 0:
-            raise ValueError("round-timeout and wait-nodes-timeout must be >= 0 (0: no limit)")
+        for name in ("round_timeout", "wait_nodes_timeout"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{_key(name)} must be >= 0 seconds (0: no limit), got {getattr(self, name)}")
 
 
 def _key(name: str) -> str:

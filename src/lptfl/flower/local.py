@@ -495,7 +495,7 @@ def run_local(
     out_dir.mkdir(parents=True, exist_ok=True)
     config = replace(config, num_clients=supernodes)
     if config.dataset.lower() != "digits":
-        config = replace(config, data_path=str(Path(config.data_path).resolve()))
+        config = replace(config, data_path=str(Path(config.data_path).expanduser().resolve()))
     config.validate()
     options = replace(options or FlowerOptions(), out_dir=str(out_dir))
     options.min_nodes = max(options.min_nodes, supernodes)

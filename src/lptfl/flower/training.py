@@ -238,6 +238,10 @@ def train_low_precision(
     regularizer = proximal_regularizer(trainer.model, start, mu / 2) if mu > 0 else None
     result = trainer.train(start, x, y, epochs=epochs, batch_size=batch_size, generator=generator,
                            regularizer=regularizer, objective=objective)
+    diverged = result.diverged_entry()
+    if diverged is not None:  # no payload can carry it; the node keeps its state from before the round
+        raise ValueError(f"training diverged in round {server_round}: {diverged!r} holds NaN or infinite values "
+                         f"(a lower lr than {lr:g} may help)")
     if keep_optimizer_state:
         save_optimizer_state(trainer.inner, context.state)
     if local:

@@ -86,12 +86,6 @@ class ClientReply:
     error: str | None = None
 
 
-def nonfinite_entry(state: State) -> str | None:
-    """The name of the first floating entry of ``state`` that holds NaN or an infinity (None: none)."""
-    return next((name for name, value in state.items()
-                 if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
-
-
 class ClientSide:
     """Trains any client of the run: one local trainer for all, one at a time or as a batched cohort.
 
@@ -159,14 +153,14 @@ class ClientSide:
         entries = {entry.client: entry for entry in job.clients}
         replies = []
         for client, result in self._updates(list(entries), start_state, regularizer, job, store):
-            diverged = nonfinite_entry(result.state)
+            diverged = result.diverged_entry()
             if diverged is not None:  # the wire carries finite values only: no update, the round leaves it as it was
                 entry = entries[client]
                 replies.append(ClientReply(
                     client, None, result.num_samples, result.loss, algorithm.label_counts(self.client_y[client]),
                     entry.optimizer, entry.local,
                     error=f"its training diverged in round {job.round_index} ({diverged!r} holds NaN or infinite "
-                          f"values; a lower --lr {job.lr:g} may help)"))
+                          f"values; a lower --lr than {cfg.lr:g} may help)"))
                 continue
             up = codec.encode(algorithm.uplink(client, result.state), self.policy.uplink,
                               full_precision=self.uplink_full_precision, compress=cfg.compress)

@@ -40,11 +40,6 @@ class RunInterrupted(Exception):
                          f"stopped by {name} before round 1 (nothing to keep); run the command again to start")
 
 
-def prepare_output(out_dir: Path, *, overwrite: bool) -> None:
-    """Create ``out_dir`` for a new run (:meth:`RunDirectory.prepare`)."""
-    RunDirectory(out_dir).prepare(overwrite=overwrite)
-
-
 def run_experiment(
     config: RunConfig, out_dir: Path, *, overwrite: bool = False, progress: bool = True, resume: bool = False,
     stop_after: int | None = None,
@@ -82,8 +77,7 @@ def run_experiment(
         stop["signum"] = signum
         name = signal.Signals(signum).name
         if running["round"] is None:
-            log.warning("%s: stopping before the next round, once the summary of the rounds so far is written "
-                        "(repeat to stop at once)", name)
+            log.warning("%s: stopping before the next round (repeat to stop at once)", name)
         else:
             log.warning("%s: finishing round %d, then saving a checkpoint and stopping (repeat to stop at once)",
                         name, running["round"])

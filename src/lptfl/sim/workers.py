@@ -74,7 +74,7 @@ def worker_count(config: RunConfig, run_steps: int) -> tuple[int, str]:
         return config.workers, f"--workers {config.workers}"
     if torch.device(config.device).type == "cuda":
         return 1, "--workers auto on CUDA: one process drives the GPU"
-    per_round = max(1, int(round(config.frac * config.num_clients)))
+    per_round = config.clients_per_round()
     cores = usable_cpus()
     if run_steps < WORKERS_MIN_STEPS:
         return 1, f"--workers auto: ~{run_steps} local steps in the run, too few to repay starting workers " \
