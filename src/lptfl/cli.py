@@ -276,6 +276,9 @@ def _command_compare(args: argparse.Namespace) -> int:
     result = compare_rounds(read_metrics(args.reference), read_metrics(args.candidate))
     print(f"rounds: {result.reference_rounds} in {args.reference}, {result.candidate_rounds} in {args.candidate}, "
           f"{result.compared} in both; identical in all fields but timings: {result.identical} of {result.compared}")
+    changed = _setting_changes(args.reference, args.candidate)
+    if changed:
+        print(f"the runs' settings differ: {'; '.join(changed)}")
     if not result.compared:
         print("no round in common: nothing to compare")
         return 1
@@ -284,6 +287,18 @@ def _command_compare(args: argparse.Namespace) -> int:
         print(f"first difference: round {round_number} ({', '.join(fields)})")
         return 1
     return 0
+
+
+def _setting_changes(reference: Path, candidate: Path) -> list[str]:
+    """The settings of two run folders that change results and differ (``--name a -> b``); empty when
+    either has no ``config.json``."""
+    from lptfl.experiment.checkpoint import read_config
+
+    if not all((Path(run) / "config.json").exists() for run in (reference, candidate)):
+        return []
+    a, b = read_config(reference).to_dict(), read_config(candidate).to_dict()
+    resumable = RunConfig.resumable()
+    return [f"--{name} {a[name]!r} -> {b[name]!r}" for name in a if a[name] != b[name] and name not in resumable]
 
 
 def _flower_local_parser(sub: argparse._SubParsersAction) -> None:

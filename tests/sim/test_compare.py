@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 from lptfl.cli import main
+from lptfl.experiment.checkpoint import write_config
+from lptfl.experiment.config import RunConfig
 from lptfl.experiment.results import compare_rounds
 
 
@@ -52,7 +54,12 @@ def test_cli_compare_exit_codes(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert "identical in all fields but timings: 1 of 1" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 1
-    assert "first difference: round 2 (test_accuracy)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "first difference: round 2 (test_accuracy)" in out and "settings differ" not in out
+    write_config(tmp_path / "a", RunConfig(seed=1, compile="off"))
+    write_config(tmp_path / "c", RunConfig(seed=2, compile="on"))  # --compile does not change results
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 1
+    assert "the runs' settings differ: --seed 1 -> 2\n" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "d")]) == 1
     assert "no round in common" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
