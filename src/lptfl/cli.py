@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import logging
 import signal
 import sys
@@ -396,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
             return _command_compare(args)
         return _command_report(args)
     except (ValueError, DatasetError, OSError) as err:
+        folder = getattr(args, "resume", None) or getattr(args, "out", None)
+        if isinstance(err, OSError) and err.filename is None and err.errno in _WRITE_ERRNOS and folder is not None:
+            saved = args.command == "run" and (Path(folder) / CHECKPOINT).exists()
+            then = f"continue with: lptfl run --resume {folder}" if saved else "run the command again"
+            err = OSError(err.errno, f"{err.strerror} while writing into {folder}; free space there, then {then}")
         print(f"lptfl: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second stop signal, or Ctrl-C before a run handles signals
@@ -409,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lptfl: internal error: {type(err).__name__}: {_one_line(err)} (traceback in {log_path}; "
               "please report it)", file=sys.stderr)
         return 1
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a write that found no room: the message names no file
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,6 +1,7 @@
 """The command line against a user's mistakes (issue 35): typed config files, one-line errors,
 nothing left behind by a failed start, and the published entry point's flags and JSON configs."""
 
+import errno
 import hashlib
 import json
 import struct
@@ -362,3 +363,25 @@ def test_too_many_clients_for_what_abavg_leaves_names_the_validation_fraction(tm
     code, err = run_cli(capsys, "run", *TINY, "--aggregation_mode", "abavg", "--abavg_val_fraction", "0.999",
                         "--num_clients", "3", "--out", str(tmp_path / "o"))
     assert code == 2 and "training samples that --abavg_val_fraction 0.999 leaves of digits" in err
+
+
+def test_a_full_disk_names_the_folder_and_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """The OSError of a full disk names no file: the message names the run folder, and resuming only
+    where a checkpoint was written (a run that wrote no round is undone: run it again)."""
+    from lptfl.experiment.run_dir import RunDirectory
+
+    real_append = RunDirectory.append_metrics
+
+    def full_from(round_index):
+        def append(self, metrics):
+            if metrics.round >= round_index:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_append(self, metrics)
+        return append
+
+    for first_full, out, advice in ((2, tmp_path / "o", f"continue with: lptfl run --resume {tmp_path / 'o'}"),
+                                    (1, tmp_path / "p", "run the command again")):
+        monkeypatch.setattr(RunDirectory, "append_metrics", full_from(first_full))
+        code, err = run_cli(capsys, "run", *TINY, "--c_rounds", "2", "--out", str(out))
+        assert code == 2 and err == (f"lptfl: error: [Errno {errno.ENOSPC}] No space left on device while writing "
+                                     f"into {out}; free space there, then {advice}")
