@@ -95,6 +95,7 @@ def rewrite_checkpoint_metadata(run_dir: Path, change, *, reseal: bool = True) -
     ("lr = nan", "lr: expected a finite number, got NaN"),
     ("c_round = 3", "c_round: unknown setting; did you mean c_rounds?"),
     ("[a]\nseed = 3\n[b]\nseed = 4", "seed: expected one value (it is given twice: 3 and 4), got 4"),
+    ('out = "runs/x"', "out: an option of the command, not a setting of the run; give --out on the command line"),
 ])
 def test_a_wrong_toml_value_is_refused_naming_file_and_key(tmp_path, capsys, line, message):
     toml = tmp_path / "run.toml"

@@ -118,8 +118,15 @@ def shown(value: Any) -> str:
         return repr(value)
 
 
+# Options of the lptfl command rather than settings of a run: a config file cannot give them.
+COMMAND_OPTIONS = ("config", "out", "overwrite", "quiet", "resume", "stop_after")
+
+
 def unknown_key(key: str, names: Iterable[str], source: str | None) -> ValueError:
     """The error for a key that names no setting, suggesting the nearest name."""
+    if key in COMMAND_OPTIONS:
+        return ValueError(f"{source or 'config'}: {key}: an option of the command, not a setting of the run; "
+                          f"give --{key} on the command line")
     close = difflib.get_close_matches(key, list(names), n=1)
     hint = f"did you mean {close[0]}?" if close else "see lptfl run --help for the settings"
     return ValueError(f"{source or 'config'}: {key}: unknown setting; {hint}")
