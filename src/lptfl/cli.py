@@ -382,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``lptfl`` command. A user's mistake ends in one line ``lptfl: error: ...`` and exit 2;
     an unexpected error in one line naming a log file that holds its traceback, and exit 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h", "--version"):
-        argv = ["run", *argv]  # the published entry point's style: flags only
+    if argv and argv[0].startswith("-") and argv[0] not in ("--help", "-h", "--version"):
+        argv = ["run", *argv]  # the published entry point's style: flags only (a single dash: run's parser says so)
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")

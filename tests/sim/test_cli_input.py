@@ -157,6 +157,7 @@ def test_user_mistakes_end_in_one_line(tmp_path, capsys):
         (["run", *TINY, "--c_rounds", "1", "--out", str(a_file)], "is a file, not a directory; choose another --out"),
         (["run", *TINY, "--c_rounds", "1", "--out", str(a_file / "run")], "Not a directory; choose another --out"),
         (["run", "--quantizaton_bits", "4"], "did you mean --quantization_bits?"),
+        (["-c_rounds", "1"], "-c_rounds: did you mean --c_rounds?"),
         (["run", "--device", "gpu"], 'device: expected cpu, cuda or cuda:N, got "gpu"'),
         (["run", "--resume", str(tmp_path / "none")], "config.json"),
         (["run", *TINY, "--out", ""], "expected a folder path, got an empty string"),
