@@ -84,6 +84,9 @@ def test_settings_the_others_leave_unused_are_named():
                      model_norm="batchnorm").unused_settings() == [
         "--weight_quantization_bits (used only with --use_mixed_precision)",
         "--model_norm (only the ConvNet takes a norm)"]
+    assert RunConfig(use_quantization=True, quantization_bits=12, compute="bf16").unused_settings() == [
+        "--compute (exact bf16 products need operands of at most 8 bits)"]
+    assert RunConfig(use_quantization=True, compute="bf16").unused_settings() == []
     assert RunConfig(moving_average=True, ma_start=13).unused_settings() == [
         "--ma_start (the average starts after the last round, 12)"]
     assert RunConfig(model_name="resnet8", model_width=16).unused_settings() == [

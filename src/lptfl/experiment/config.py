@@ -428,8 +428,10 @@ class RunConfig:
         each as ``"--name (why)"``, so that a run can say so rather than ignore them silently."""
         model = self.model_name.lower()
         rules = (
-            (("quantization_bits", "use_mixed_precision", "block_dim", "small_block", "quant_type", "downlink"),
-             not self.use_quantization, "the run is fp32 without --use_quantization"),
+            (("quantization_bits", "use_mixed_precision", "block_dim", "small_block", "quant_type", "downlink",
+              "compute"), not self.use_quantization, "the run is fp32 without --use_quantization"),
+            (("compute",), self.use_quantization and not self.use_mixed_precision and self.quantization_bits > 8,
+             "exact bf16 products need operands of at most 8 bits"),
             (("weight_quantization_bits", "activation_quantization_bits", "grad_quantization_bits"),
              not (self.use_quantization and self.use_mixed_precision), "used only with --use_mixed_precision"),
             (("moving_weight", "ma_start"), not self.moving_average, "used only with --moving_average"),
