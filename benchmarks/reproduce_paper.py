@@ -28,16 +28,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import math
 import re
 from pathlib import Path
 
+from lptfl.experiment.checkpoint import read_config
 from lptfl.experiment.results import LAST_ROUNDS
 from lptfl.sim.grid import GridRun, archive, run_grid
 from lptfl.report import (
-    describe,
     margin_verdicts,
     paired_differences,
     plot_curves,
+    readable_rows,
     rows_table,
     seed_of,
     seed_rows,
@@ -136,8 +138,10 @@ def write_table(out: Path, run_dirs: list[Path], rounds: int = PAPER_ROUNDS, wid
     the paper's (0: the paper's 128); such runs are compared with each other only, without the paper's
     figures or its claim."""
     by_alpha: dict[float, dict[str, dict]] = {}
-    for run_dir in run_dirs:
-        row = describe(run_dir)
+    for run_dir, row in readable_rows(run_dirs).items():  # a damaged run among several: skipped, with a warning
+        if row["alpha"] == "?":
+            log.warning("skipping %s: no config.json or summary.json records its settings", run_dir)
+            continue
         by_alpha.setdefault(float(row["alpha"]), {})[without_alpha_tag(run_dir.name)] = row
     (out / "table.md").write_text(
         "# Fashion-MNIST: test accuracy of the served model, mean +- std of the last 5 rounds\n\n"
@@ -155,9 +159,11 @@ def alpha_section(rows: dict[str, dict], alpha: float, rounds: int, width: int) 
         base = seed_of(name)[0]
         paper = None if width else PAPER.get(alpha, {}).get(PAPER_ROW.get(base, base))
         paper_text = f"{paper[0]:.1f} +- {paper[1]:.1f}" if paper else "-"
-        lines.append(f"| {name} | {row['rounds']} | {row['mean']:.1f} +- {row['std']:.1f} | {paper_text} |")
-    return (f"\n## Alpha {alpha:g}\n\n" + "\n".join(lines) + "\n" + ("" if width else claim_section(rows, rounds))
-            + seeds_section(rows, alpha, rounds, width)
+        ours = "-" if math.isnan(row["mean"]) else f"{row['mean']:.1f} +- {row['std']:.1f}"  # -: no round scored yet
+        lines.append(f"| {name} | {row['rounds']} | {ours} | {paper_text} |")
+    scored = {name: row for name, row in rows.items() if not math.isnan(row["mean"])}  # only these get verdicts
+    return (f"\n## Alpha {alpha:g}\n\n" + "\n".join(lines) + "\n" + ("" if width else claim_section(scored, rounds))
+            + seeds_section(scored, alpha, rounds, width)
             + "\n### Details\n\n" + rows_table(list(rows.values())))
 
 
@@ -194,10 +200,32 @@ def seeds_section(rows: dict[str, dict], alpha: float, rounds: int, width: int) 
             "code's protocol unless the run says otherwise).\n\n" + "\n".join(lines) + "\n" + "".join(claim))
 
 
+def table_width(run_dirs: list[Path], asked: int) -> int:
+    """The ConvNet width of the runs' table (0: the paper's 128), from their saved configs.
+
+    Raises:
+        SystemExit: the runs have several widths, or another than ``asked`` (when not 0).
+    """
+    widths = set()
+    for run_dir in run_dirs:
+        try:
+            widths.add(read_config(run_dir).model_width % 128)  # 0 and 128 are both the paper's width
+        except ValueError:  # no or damaged config.json: the table skips that run, saying why
+            continue
+    if len(widths) > 1:
+        raise SystemExit(f"the runs in {run_dirs[0].parent} have ConvNet widths {sorted(widths)} (0: 128); one table "
+                         "compares runs of one width: move the others to another --out")
+    width = widths.pop() if widths else asked
+    if asked and width != asked:
+        raise SystemExit(f"--model_width {asked}, but the runs in {run_dirs[0].parent} have width {width or 128}")
+    return width
+
+
 def numbers(text: str, kind: type, flag: str) -> list:
-    """A comma-separated list of ``kind`` (int or float); a bad item stops the script naming it."""
+    """A comma-separated list of ``kind`` (int or float), repeats dropped; a bad item stops the script
+    naming it."""
     try:
-        return [kind(item) for item in text.split(",")]
+        return list(dict.fromkeys(kind(item) for item in text.split(",")))
     except ValueError:
         raise SystemExit(f"{flag} {text!r}: expected comma-separated {kind.__name__} values, e.g. "
                          f"{'0,1,2' if kind is int else '0.01,0.04'}") from None
@@ -244,31 +272,49 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    unknown = [name for name in args.configs.split(",") if name not in CONFIGS]
+    configs = list(dict.fromkeys(name.strip() for name in args.configs.split(",")))
+    unknown = [name for name in configs if name not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown config {unknown[0]!r}; expected one of {', '.join(CONFIGS)}")
     runs = []
     for alpha, seed, name in itertools.product(numbers(args.alpha, float, "--alpha"),
-                                               numbers(args.seeds, int, "--seeds"), args.configs.split(",")):
+                                               numbers(args.seeds, int, "--seeds"), configs):
         flags = [*PAPER_SETTING, *CONFIGS[name], "--alpha", str(alpha), "--seed", str(seed),
                  "--data_path", args.data_path, "--device", args.device, "--compile", args.compile,
                  "--cohort", args.cohort,
                  *(["--model_width", str(args.model_width)] if args.model_width else []),
                  *(["--eval_every", str(args.eval_every)] if args.eval_every > 1 else [])]
-        runs.append(GridRun(args.out / run_folder(name, alpha, seed), tuple(flags)))
+        folder = args.out / run_folder(name, alpha, seed)
+        if any(run.run_dir == folder for run in runs):
+            raise SystemExit(f"--alpha {args.alpha!r}: two alphas share the folder {folder}; give alphas that "
+                             "differ in their first 6 significant digits")
+        runs.append(GridRun(folder, tuple(flags)))
 
-    def refresh() -> None:
-        """The table and curves of every run in --out, those of earlier invocations included."""
+    def present() -> list[Path]:
+        """Every run in --out with metrics, those of earlier invocations included."""
         folders = {r.run_dir for r in runs} | ({d for d in args.out.iterdir() if d.is_dir()} if args.out.is_dir() else set())
-        present = sorted(d for d in folders if (d / "metrics.jsonl").exists())
-        if present:
-            write_table(args.out, present, args.rounds, args.model_width)
-            plot_curves(present, args.out / "curves.png")
+        return sorted(d for d in folders if (d / "metrics.jsonl").exists())
+
+    width = table_width(present(), args.model_width) if present() else args.model_width
+
+    def refresh(*, strict: bool = False) -> None:
+        """The table and curves of :func:`present`'s runs. Unless ``strict``, a table that cannot be
+        written is said, not raised, so that a grid goes on (resuming a damaged run repairs it)."""
+        runs_now = present()
+        try:
+            if runs_now:
+                write_table(args.out, runs_now, args.rounds, width)
+                plot_curves(runs_now, args.out / "curves.png")
+        except (ValueError, OSError) as err:
+            if strict:
+                raise SystemExit(f"table.md not written: {err}") from None
+            log.warning("table.md not rewritten: %s", err)
 
     if args.table_only:
-        refresh()
-        table = args.out / "table.md"
-        print(table.read_text() if table.exists() else f"no run with metrics in {args.out}")
+        if not present():
+            raise SystemExit(f"no run with metrics in {args.out}")
+        refresh(strict=True)
+        print((args.out / "table.md").read_text())
         return
     try:
         run_grid(runs, args.rounds, parallel=args.parallel, turn_rounds=args.turn_rounds, after_each=refresh,

@@ -13,7 +13,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from lptfl.experiment.results import read_metrics
+from lptfl.experiment.results import METRICS, read_metrics
+from lptfl.report import run_label
 
 
 def window_row(rows: list[dict], window: int, rounds: int) -> list[str]:
@@ -30,6 +31,8 @@ def window_row(rows: list[dict], window: int, rounds: int) -> list[str]:
 def last_rounds(rows: list[dict]) -> str:
     """The last 5 evaluated rounds: test_accuracy mean +- std (%), and both named scores if kept."""
     last = [r for r in rows if r.get("test_accuracy") is not None][-5:]
+    if not last:
+        return "no evaluated round yet"
     acc = [100 * r["test_accuracy"] for r in last]
     text = f"rounds {last[0]['round']}-{last[-1]['round']}: {statistics.mean(acc):.1f} +- {statistics.pstdev(acc):.1f}"
     both = [(r.get("test_accuracy_fp32_act"), r.get("test_accuracy_policy_act")) for r in last]
@@ -45,7 +48,18 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=120)
     args = parser.parse_args()
-    runs = {run.name: read_metrics(run) for run in args.runs}
+    if args.window < 1 or args.rounds < 1:
+        parser.error(f"--window {args.window} and --rounds {args.rounds}: expected integers >= 1")
+    missing = [str(run) for run in args.runs if not (run / METRICS).is_file()]
+    if missing:
+        parser.error(f"no {METRICS} in {', '.join(missing)}: expected run folders")
+    labels = [run_label(run) for run in args.runs]
+    if len(set(labels)) < len(labels):  # two folders of one name: tell them apart by their parents
+        labels = [str(run) for run in args.runs]
+    try:
+        runs = {label: read_metrics(run) for label, run in zip(labels, args.runs)}
+    except ValueError as err:
+        parser.error(str(err))
     heads = [f"{first}-{first + args.window - 1}" for first in range(1, args.rounds + 1, args.window)]
     print("| run | rounds | " + " | ".join(heads) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in heads) + " |")

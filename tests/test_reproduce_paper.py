@@ -75,3 +75,33 @@ def test_a_bad_alpha_list_stops_with_a_one_line_error():
     assert reproduce.numbers("0.01,0.04", float, "--alpha") == [0.01, 0.04]
     with pytest.raises(SystemExit, match=r"--alpha '0.01,x': expected comma-separated float values"):
         reproduce.numbers("0.01,x", float, "--alpha")
+    assert reproduce.numbers("0.01,0.010,1e-2,0.04", float, "--alpha") == [0.01, 0.04]  # repeats dropped
+
+
+def test_the_width_comes_from_the_runs_and_one_table_holds_one_width(tmp_path):
+    """Width-32 runs tabled without --model_width are still kept away from the paper's figures; a
+    folder with two widths, or a --model_width the runs contradict, is refused."""
+    runs = [fake_run(tmp_path, name, 0.01, 0.75, name.endswith("-avg")) for name in ("q8-avg", "q8-noavg")]
+    assert reproduce.table_width(runs, 0) == 0
+    for run in runs:
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "model_width": 32}))
+    assert reproduce.table_width(runs, 0) == 32
+    with pytest.raises(SystemExit, match="--model_width 16, but the runs in .* have width 32"):
+        reproduce.table_width(runs, 16)
+    other = fake_run(tmp_path, "fp32-noavg", 0.01, 0.77, False)
+    with pytest.raises(SystemExit, match=r"have ConvNet widths \[0, 32\]"):
+        reproduce.table_width([*runs, other], 0)
+
+
+def test_a_damaged_or_unscored_run_gets_no_verdict_and_stops_no_table(tmp_path, caplog):
+    runs = [fake_run(tmp_path, reproduce.run_folder(config, 0.01, 0), 0.01, accuracy, config.endswith("-avg"))
+            for config, accuracy in (("q8-avg", 0.80), ("q8-noavg", 0.70), ("fp32-noavg", 0.78))]
+    (runs[1] / "metrics.jsonl").write_text('{"round": 1, "test_accuracy": null, "bytes_up": 10}\n')  # not scored yet
+    with open(runs[2] / "metrics.jsonl", "a") as handle:
+        handle.write("42\n")  # damaged
+    reproduce.write_table(tmp_path, runs, rounds=5)
+    text = (tmp_path / "table.md").read_text()
+    assert "| q8-noavg | 1 | - | 72.2 +- 2.0 |" in text and "fp32-noavg" not in text
+    assert "q8-noavg + 3.0" not in text and "nan" not in text
+    assert "skipping" in caplog.text and "fp32-noavg/metrics.jsonl line 6 is 42" in caplog.text
