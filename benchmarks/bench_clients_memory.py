@@ -48,9 +48,17 @@ def main() -> None:
     parser.add_argument("--sampled", type=int, default=10, help="clients sampled per round")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1 or args.sampled < 1 or args.rounds < 1:
+        parser.error(f"--sizes {args.sizes!r}, --sampled {args.sampled}, --rounds {args.rounds}: expected "
+                     "comma-separated client counts >= 1 and integers >= 1")
     has_fmnist = (Path(args.data_path) / "FashionMNIST" / "raw").exists()
+    print(f"dataset: {'fmnist' if has_fmnist else 'digits (no FashionMNIST/raw under --data_path)'}", flush=True)
     results = []
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in sizes:
         clients = size if has_fmnist else min(size, 1437)
         config = {
             "dataset": "fmnist" if has_fmnist else "digits",
@@ -66,9 +74,10 @@ def main() -> None:
             "test_batch_size": 2000,
         }
         with tempfile.TemporaryDirectory() as out:
-            proc = subprocess.run(
-                [sys.executable, "-c", CHILD, json.dumps(config), out], capture_output=True, text=True, check=True
-            )
+            proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config), out], capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"the run of {clients} clients failed (exit {proc.returncode}): "
+                             f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(row)
         print(

@@ -19,8 +19,22 @@
 # threads and the CUDA tests beside it, one H200 run spent 6.5 s a round there, with one thread
 # 0.3-0.6 s, as on one core of the CPU machine; results/gpu-2026-12-04).
 set -uo pipefail
+if [ $# -lt 4 ]; then
+  echo "usage: bash $0 DATA_DIR RUNS_DIR SECONDS DEST_DIR [CONFIGS] [PARALLEL] [SEEDS] [ALPHAS]" >&2
+  exit 2
+fi
+if [ ! -d "$1/FashionMNIST/raw" ]; then
+  echo "$0: DATA_DIR $1 has no FashionMNIST/raw (the folder of the IDX files)" >&2
+  exit 2
+fi
+if ! [[ $3 =~ ^[0-9]+$ ]] || [ "$3" -le 60 ]; then
+  echo "$0: SECONDS $3: expected a whole number of seconds > 60 (the grid stops a minute before it)" >&2
+  exit 2
+fi
+# the paths as the caller meant them, before the cd below
+data=$(realpath -m "$1") runs=$(realpath -m "$2") seconds=$3 dest=$(realpath -m "$4")
 cd "$(dirname "$0")/.."
-data=$1 runs=$2 seconds=$3 dest=$4 configs=${5:-q8-avg,q8-noavg,fp32-noavg} parallel=${6:-3} seeds=${7:-0} alphas=${8:-0.01}
+configs=${5:-q8-avg,q8-noavg,fp32-noavg} parallel=${6:-3} seeds=${7:-0} alphas=${8:-0.01}
 device=${DEVICE:-cuda} python=${PYTHON:-python3} threads=${THREADS:-1}
 deadline=$((SECONDS + seconds))
 mkdir -p "$dest" "$runs"
