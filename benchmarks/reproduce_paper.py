@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 
 from lptfl.experiment.checkpoint import read_config
+from lptfl.experiment.config import RunConfig
 from lptfl.experiment.results import LAST_ROUNDS
 from lptfl.sim.grid import GridRun, archive, run_grid
 from lptfl.report import (
@@ -221,6 +222,24 @@ def table_width(run_dirs: list[Path], asked: int) -> int:
     return width
 
 
+def check_grid_values(args: argparse.Namespace, alphas: list[float], seeds: list[int]) -> None:
+    """Refuse, before any run starts, a value that every run (or the grid) would refuse later.
+
+    Raises:
+        SystemExit: naming the flag, the value and what was expected.
+    """
+    for flag, least in (("rounds", 1), ("parallel", 1), ("eval_every", 1), ("workers", 0), ("checkpoint_every", 0),
+                        ("turn_rounds", 0), ("threads", 0)):
+        if getattr(args, flag) < least:
+            raise SystemExit(f"--{flag} {getattr(args, flag)}: expected an integer >= {least}")
+    try:
+        for alpha, seed in itertools.product(alphas, seeds):
+            RunConfig(alpha=alpha, seed=seed, model_width=args.model_width, device=args.device,
+                      eval_every=args.eval_every, workers=args.workers).validate()
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+
+
 def numbers(text: str, kind: type, flag: str) -> list:
     """A comma-separated list of ``kind`` (int or float), repeats dropped; a bad item stops the script
     naming it."""
@@ -276,9 +295,10 @@ def main() -> None:
     unknown = [name for name in configs if name not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown config {unknown[0]!r}; expected one of {', '.join(CONFIGS)}")
+    alphas, seeds = numbers(args.alpha, float, "--alpha"), numbers(args.seeds, int, "--seeds")
+    check_grid_values(args, alphas, seeds)
     runs = []
-    for alpha, seed, name in itertools.product(numbers(args.alpha, float, "--alpha"),
-                                               numbers(args.seeds, int, "--seeds"), configs):
+    for alpha, seed, name in itertools.product(alphas, seeds, configs):
         flags = [*PAPER_SETTING, *CONFIGS[name], "--alpha", str(alpha), "--seed", str(seed),
                  "--data_path", args.data_path, "--device", args.device, "--compile", args.compile,
                  "--cohort", args.cohort,

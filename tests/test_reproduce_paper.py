@@ -105,3 +105,18 @@ def test_a_damaged_or_unscored_run_gets_no_verdict_and_stops_no_table(tmp_path, 
     assert "| q8-noavg | 1 | - | 72.2 +- 2.0 |" in text and "fp32-noavg" not in text
     assert "q8-noavg + 3.0" not in text and "nan" not in text
     assert "skipping" in caplog.text and "fp32-noavg/metrics.jsonl line 6 is 42" in caplog.text
+
+
+@pytest.mark.parametrize("change, alphas, seeds, message", [
+    ({}, [-1.0], [0], "--alpha: expected a number > 0, got -1.0"),
+    ({}, [0.01], [-2], "--seed: expected an integer >= 0, got -2"),
+    ({"parallel": 0}, [0.01], [0], "--parallel 0: expected an integer >= 1"),
+    ({"device": "gpu"}, [0.01], [0], 'device: expected cpu, cuda or cuda:N, got "gpu"'),
+])
+def test_a_value_every_run_would_refuse_stops_the_grid_before_it_starts(change, alphas, seeds, message):
+    import argparse
+
+    args = argparse.Namespace(**{**dict(rounds=200, parallel=1, workers=1, eval_every=1, checkpoint_every=1,
+                                        turn_rounds=0, threads=0, model_width=0, device="cpu"), **change})
+    with pytest.raises(SystemExit, match=message):
+        reproduce.check_grid_values(args, alphas, seeds)
