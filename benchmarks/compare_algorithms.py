@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from reproduce_paper import CONFIGS, PAPER_SETTING
@@ -48,8 +49,9 @@ def write_table(out: Path, alpha: float) -> None:
             if (run_dir / "metrics.jsonl").exists():
                 row = describe(run_dir)
                 rounds.add(row["rounds"])
-                cells.append(f"{row['mean']:.1f} +- {row['std']:.1f}")
-                first.append(f"{100 * read_metrics(run_dir)[0]['test_accuracy']:.1f}")
+                cells.append("-" if math.isnan(row["mean"]) else f"{row['mean']:.1f} +- {row['std']:.1f}")
+                scored = row["curve"][0] if row["curve"] else math.nan  # round 1's accuracy (%), NaN: not scored
+                first.append("-" if math.isnan(scored) else f"{scored:.1f}")
             else:
                 cells.append("-")
                 first.append("-")
@@ -69,7 +71,7 @@ def round_times(out: Path) -> str:
     """Seconds per round of each run (the runs shared the CPU, so compare them with care)."""
     lines = ["| run | round times (s) |", "| --- | --- |"]
     for run_dir in run_dirs(out):
-        times = ", ".join(f"{r['round_time_s']:.0f}" for r in read_metrics(run_dir))
+        times = ", ".join(f"{r['round_time_s']:.0f}" if "round_time_s" in r else "?" for r in read_metrics(run_dir))
         lines.append(f"| {run_dir.name} | {times} |")
     return "\n".join(lines)
 
@@ -103,7 +105,10 @@ def main() -> None:
             plot_curves(present, args.out / "curves.png")
 
     if args.table_only:
+        if not run_dirs(args.out):
+            raise SystemExit(f"no comparison run with metrics in {args.out}")
         refresh()
+        print((args.out / "table.md").read_text())
         return
     try:
         run_grid(runs, args.rounds, parallel=args.parallel, after_each=refresh)
