@@ -34,7 +34,7 @@ from lptfl.experiment.config import (
     typed_values,
 )
 from lptfl.experiment.results import ACTIVATIONS, LAST_ROUNDS, METRICS
-from lptfl.experiment.run_dir import CHECKPOINT
+from lptfl.experiment.run_dir import CHECKPOINT, CONFIG
 from lptfl.report import REPORT_FORMATS
 
 log = logging.getLogger("lptfl")
@@ -295,7 +295,7 @@ def _setting_changes(reference: Path, candidate: Path) -> list[str]:
     either has no ``config.json``."""
     from lptfl.experiment.checkpoint import read_config
 
-    if not all((Path(run) / "config.json").exists() for run in (reference, candidate)):
+    if not all((Path(run) / CONFIG).exists() for run in (reference, candidate)):
         return []
     a, b = read_config(reference).to_dict(), read_config(candidate).to_dict()
     resumable = RunConfig.resumable()
@@ -397,24 +397,37 @@ def main(argv: list[str] | None = None) -> int:
             return _command_compare(args)
         return _command_report(args)
     except (ValueError, DatasetError, OSError) as err:
-        folder = getattr(args, "resume", None) or getattr(args, "out", None)
+        folder = _run_folder(args)
         if isinstance(err, OSError) and err.filename is None and err.errno in _WRITE_ERRNOS and folder is not None:
-            saved = args.command == "run" and (Path(folder) / CHECKPOINT).exists()
-            then = f"continue with: lptfl run --resume {folder}" if saved else "run the command again"
+            resume = _resume_command(args)
+            then = f"continue with: {resume}" if resume else "run the command again"
             err = OSError(err.errno, f"{err.strerror} while writing into {folder}; free space there, then {then}")
         print(f"lptfl: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second stop signal, or Ctrl-C before a run handles signals
-        folder, hint = getattr(args, "resume", None) or getattr(args, "out", None), ""
-        if args.command == "run" and folder is not None and (Path(folder) / CHECKPOINT).exists():
-            hint = f"; continue from its last checkpoint with: lptfl run --resume {folder}"
-        print(f"lptfl: stopped at once{hint}", file=sys.stderr)
+        resume = _resume_command(args)
+        print(f"lptfl: stopped at once{f'; continue from its last checkpoint with: {resume}' if resume else ''}",
+              file=sys.stderr)
         return 130
     except Exception as err:  # a bug, not the user's mistake
         log_path = _save_traceback(argv)
         print(f"lptfl: internal error: {type(err).__name__}: {_one_line(err)} (traceback in {log_path}; "
               "please report it)", file=sys.stderr)
         return 1
+
+
+def _run_folder(args: argparse.Namespace) -> Path | None:
+    """The run folder the command writes into (``--resume`` or ``--out``), if any."""
+    folder = getattr(args, "resume", None) or getattr(args, "out", None)
+    return None if folder is None else Path(folder)
+
+
+def _resume_command(args: argparse.Namespace) -> str | None:
+    """``lptfl run --resume DIR`` where an ``lptfl run`` has a checkpoint to continue from, else None."""
+    folder = _run_folder(args)
+    if args.command != "run" or folder is None or not (folder / CHECKPOINT).exists():
+        return None
+    return f"lptfl run --resume {folder}"
 
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a write that found no room: the message names no file
